@@ -1,0 +1,27 @@
+# segframe: `make demo` (the main job) and `make test` (the test suite) on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= $(if $(wildcard ../shared/data/CHASEDB1),../shared/data/CHASEDB1,)
+WORK ?= demo_output
+
+.PHONY: install test lint demo bench clean
+
+$(VENV)/.installed: pyproject.toml plugins/upernet/pyproject.toml plugins/segformer/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -e ".[test]" -e plugins/upernet -e plugins/segformer
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(PY) -m ruff check .
+
+test: install lint
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m segframe.demo --data "$(DATA)" --work "$(WORK)"
+
+clean:
+	rm -rf $(WORK)

@@ -1,0 +1,222 @@
+"""The YAML config: pydantic models for model / lora / train, and `load_config()`.
+
+Decoder and backbone sections are validated in a second step against the chosen
+plugin's own `params` model, so a third-party decoder gets the same checking.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from segframe.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PluginChoice(BaseModel):
+    """`name` of a plugin plus its parameters; YAML may give just the name as a string."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(description="registered plugin name")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ModelConfig(_Strict):
+    backbone: PluginChoice = Field(
+        default=PluginChoice(name="dinov2"),
+        description="backbone family (`segframe plugins`), or {name: ..., <backbone options>}",
+    )
+    backbone_size: str = Field("small", description="size within the family, e.g. small, base, large")
+    checkpoint_path: str = Field("", description="official .pth/.safetensors file; empty = random init")
+    trust_checkpoint: bool = Field(
+        False, description="allow checkpoints that need full unpickling (only for files you trust)"
+    )
+    decoder: PluginChoice = Field(
+        default=PluginChoice(name="upernet"),
+        description="decoder plugin name, or {name: ..., <decoder options>}",
+    )
+    freeze_backbone: bool = Field(False, description="train only neck, head and upsampler (and LoRA)")
+    layers: list[int] | None = Field(None, description="backbone blocks to take features from; null = family default")
+    intermediate_norm: bool | None = Field(
+        None, description="apply the final norm to intermediate features; null = family default"
+    )
+    neck: Literal["identity", "pyramid"] = Field(
+        "identity", description="identity: all levels at the patch stride; pyramid: strides p/4, p/2, p, 2p"
+    )
+    upsampler: Literal["progressive", "bilinear"] = Field(
+        "progressive", description="how logits return to full resolution"
+    )
+    normalize: Literal["backbone", "none"] = Field(
+        "backbone", description="backbone: apply the backbone's pretraining mean/std; none: input is used as is"
+    )
+    grad_checkpointing: bool = Field(False, description="recompute backbone blocks in backward to save memory")
+
+
+class LoraConfig(_Strict):
+    enabled: bool = Field(False, description="wrap backbone modules with LoRA adapters (peft)")
+    r: int = Field(8, ge=1, description="LoRA rank")
+    lora_alpha: float = Field(16, gt=0, description="LoRA scaling numerator")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA path")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["qkv"],
+        description="backbone attention modules to adapt (names inside each block, e.g. qkv, proj)",
+    )
+
+
+class TrainConfig(_Strict):
+    initial_lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on norms, biases, tokens)")
+    gradient_clip: float = Field(12.0, gt=0, description="max gradient norm")
+    num_epochs: int = Field(1000, ge=1, description="training epochs")
+    num_iterations_per_epoch: int = Field(250, ge=1, description="training iterations per epoch")
+    num_val_iterations_per_epoch: int = Field(50, ge=1, description="validation iterations per epoch")
+    warmup_epochs: int = Field(10, ge=0, description="linear learning-rate warmup epochs, then poly decay")
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="layer-wise LR decay for backbone blocks; null = off"
+    )
+    backbone_lr_scale: float = Field(1.0, gt=0, description="multiplies the LR of backbone parameters")
+    patch_size: list[int] | None = Field(
+        None, description="override nnU-Net's 2D patch size [H, W]; rounded to a multiple of the ViT patch"
+    )
+    batch_size: int | None = Field(None, ge=1, description="override nnU-Net's batch size")
+
+
+class SegframeConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, v: Any) -> Any:
+        model = v.get("model") if isinstance(v, dict) else None
+        if isinstance(model, dict) and "model_path" in model:
+            raise ValueError(
+                "model.model_path is no longer supported: name the head with `decoder:` "
+                "(e.g. `decoder: upernet`; see `segframe plugins`)"
+            )
+        return v
+
+    def decoder_params(self) -> BaseModel:
+        """The decoder's validated params object."""
+        from segframe.plugins import get_registry
+
+        return get_registry().decoder(self.model.decoder.name).spec.params.model_validate(
+            self.model.decoder.params
+        )
+
+    def backbone_params(self) -> BaseModel:
+        """The backbone's validated params object."""
+        from segframe.plugins import get_registry
+
+        return get_registry().backbone(self.model.backbone.name).spec.params.model_validate(
+            self.model.backbone.params
+        )
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if p != "__root__") or "(top level)"
+
+
+def _format(errors: list[dict], source: str, prefix: tuple = ()) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in errors:
+        where = _loc(prefix + tuple(e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `segframe config schema` lists valid keys)"
+        lines.append(f"  {where}: {msg}" + (f" (got {e['input']!r})" if e["type"] not in (
+            "extra_forbidden", "missing", "value_error") and not isinstance(e.get("input"), dict) else ""))
+    return "\n".join(lines)
+
+
+def validate_config(data: Any, source: str = "<dict>") -> SegframeConfig:
+    """Validate a config dict (including plugin sections) and fill every default."""
+    from segframe.errors import PluginError
+    from segframe.plugins import get_registry
+
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        cfg = SegframeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc.errors(), source)) from None
+    registry = get_registry()
+    resolved = {}
+    for kind in ("backbone", "decoder"):
+        choice: PluginChoice = getattr(cfg.model, kind)
+        try:
+            spec = registry.get(kind, choice.name).spec
+        except PluginError as exc:
+            raise ConfigError(f"invalid config {source}:\n  model.{kind}: {exc}") from None
+        try:
+            params = spec.params.model_validate(choice.params)
+        except ValidationError as exc:
+            raise ConfigError(_format(exc.errors(), source, ("model", kind))) from None
+        resolved[kind] = PluginChoice(name=choice.name, **params.model_dump(mode="json"))
+        if kind == "backbone" and cfg.model.backbone_size not in spec.sizes:
+            raise ConfigError(
+                f"invalid config {source}:\n  model.backbone_size: {cfg.model.backbone_size!r} is not a size "
+                f"of {choice.name}; choose one of {', '.join(spec.sizes)}"
+            )
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update=resolved)})
+
+
+def load_config(path: str | Path) -> SegframeConfig:
+    """Read and validate a YAML config file; errors name the file, the key path and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    return validate_config(data, str(path))
+
+
+def dump_config(cfg: SegframeConfig) -> str:
+    """The resolved config as YAML (every default filled in)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_schema() -> dict[str, Any]:
+    """JSON Schema of the whole file, with each registered plugin's parameters."""
+    from segframe.plugins import get_registry
+
+    schema = SegframeConfig.model_json_schema()
+    registry = get_registry()
+    model_props = schema["$defs"]["ModelConfig"]["properties"]
+    for kind, found in (("backbone", registry.backbones()), ("decoder", registry.decoders())):
+        options: list[dict[str, Any]] = [{"type": "string", "enum": list(found)}]
+        for name, reg in found.items():
+            sub = reg.spec.params.model_json_schema()
+            sub.setdefault("properties", {})
+            sub["properties"] = {"name": {"const": name}, **sub["properties"]}
+            sub["required"] = ["name"]
+            sub["additionalProperties"] = False
+            sub.pop("title", None)
+            schema["$defs"].update(sub.pop("$defs", {}))
+            options.append(sub)
+        model_props[kind] = {"description": model_props[kind].get("description", ""), "anyOf": options}
+    schema["$defs"].pop("PluginChoice", None)
+    return schema
