@@ -21,7 +21,7 @@ test: install lint
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m segframe.demo --data "$(DATA)" --work "$(WORK)"
+	$(PY) -m segframe.demo --data "$(DATA)" --work "$(WORK)" $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)")
 
 clean:
 	rm -rf $(WORK)
