@@ -127,18 +127,33 @@ class Registry:
             self._load_entrypoints()
 
     def _load_entrypoints(self) -> None:
+        seen = set()
         for ep in metadata.entry_points(group=GROUP):
             dist = (ep.dist.name, ep.dist.version) if ep.dist else ("(unknown)", "-")
-            if self.pm.get_plugin(ep.name) is not None:
+            if (dist[0], ep.name, ep.value) in seen:  # the same distribution found twice on sys.path
                 continue
+            seen.add((dist[0], ep.name, ep.value))
+            # two distributions may use the same entry-point name: keep both, so a clash of
+            # decoder names is reported with both distributions instead of one being dropped
+            name = ep.name if self.pm.get_plugin(ep.name) is None else f"{dist[0]}:{ep.name}"
             try:
-                self.register(ep.load(), ep.name, dist)
+                self.register(ep.load(), name, dist)
             except Exception as exc:  # a broken plugin must not break the others
-                self.broken[ep.name] = f"{dist[0]} {dist[1]}: {type(exc).__name__}: {exc}"
+                self.broken[name] = f"{dist[0]} {dist[1]}: {type(exc).__name__}: {exc}"
+                continue
+            if not self.pm.get_hookcallers(self.pm.get_plugin(name)):
+                self.unregister(name)
+                self.broken[name] = (
+                    f"{dist[0]} {dist[1]}: entry point {ep.value!r} has no @hookimpl functions "
+                    "(segframe_decoders / segframe_backbones); reinstall the plugin if it has them"
+                )
 
     def register(self, plugin: Any, name: str, dist: tuple[str, str] | None = None) -> None:
         """Register a plugin object or module (tests use this with no install step)."""
-        self.pm.register(plugin, name=name)
+        try:
+            self.pm.register(plugin, name=name)
+        except ValueError as exc:  # name taken, or the same object already registered
+            raise PluginError(f"cannot register plugin {name!r}: {exc}") from exc
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
@@ -150,6 +165,7 @@ class Registry:
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
         self.broken.pop(name, None)
+        self._dists.pop(name, None)
         self._cache = None
 
     def _collect(self, hook: str, spec_cls: type[_Spec]) -> dict[str, Registered]:
@@ -194,7 +210,8 @@ class Registry:
             return known[name]
         msg = f"unknown {kind} {name!r}; known {kind}s: {', '.join(known) or '(none)'}"
         if name in self.broken:
-            msg = f"{kind} plugin {name!r} is installed but failed to load ({self.broken[name]}); fix or reinstall it"
+            msg = (f"{kind} plugin {name!r} is installed but failed to load ({self.broken[name]}); "
+                   "fix or reinstall it")
         elif self.broken:
             msg += "; plugins that failed to load: " + "; ".join(f"{k} ({v})" for k, v in self.broken.items())
         raise PluginError(msg)

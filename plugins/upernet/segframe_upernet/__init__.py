@@ -1,46 +1,111 @@
-"""UperNet decoder plugin for segframe: transformers' UperNetHead behind a DecoderSpec."""
+"""UperNet decoder plugin for segframe: transformers' UperNetHead (and optional FCN auxiliary head).
+
+transformers initialises these heads only through `post_init()` of its own wrapper model,
+so the weights are initialised here (mmseg's scheme: Kaiming for conv+BN units, N(0, 0.01)
+for the classifier).
+"""
 
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 from transformers import UperNetConfig
-from transformers.models.upernet.modeling_upernet import UperNetHead
+from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNetHead
 
-from segframe import DecoderSpec, hookimpl
+from segframe import ConfigError, DecoderSpec, hookimpl
 
 
 class UperNetParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    hidden_size: int = Field(512, ge=1, description="channels of the PPM/FPN convolutions")
-    pool_scales: list[int] = Field([1, 2, 3, 6], min_length=1, description="pyramid pooling output sizes")
+    hidden_size: PositiveInt = Field(512, description="channels of the PPM/FPN convolutions")
+    pool_scales: list[PositiveInt] = Field(
+        [1, 2, 3, 6], min_length=1, description="pyramid pooling output sizes (on the last level)"
+    )
+    auxiliary_head: bool = Field(
+        False, description="add an FCN auxiliary head; its training-time logits are in `auxiliary_logits`"
+    )
+    auxiliary_in_index: int = Field(2, ge=0, description="feature level the auxiliary head reads")
+    auxiliary_channels: PositiveInt = Field(256, description="channels of the auxiliary head's conv")
+    auxiliary_loss_weight: float = Field(
+        0.4, ge=0, description="weight of the auxiliary loss (read by the trainer as `auxiliary_loss_weight`)"
+    )
+
+
+def init_weights(module: nn.Module) -> None:
+    """Kaiming-normal convs (ReLU), unit BN, zero biases; the 1x1 classifiers get N(0, 0.01)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for head in module.children():
+        if isinstance(getattr(head, "classifier", None), nn.Conv2d):
+            nn.init.normal_(head.classifier.weight, std=0.01)
 
 
 class UperNetDecoder(nn.Module):
-    def __init__(self, params: UperNetParams, in_channels: list[int], in_strides: list[int], num_classes: int):
+    """UperNet head on a list of (B, C_i, H_i, W_i) maps; logits at the first level's resolution.
+
+    With `auxiliary_head`, a training-mode forward also stores the FCN head's logits (at the
+    resolution of level `auxiliary_in_index`, stride `auxiliary_stride`) in `auxiliary_logits`;
+    the trainer adds `auxiliary_loss_weight` times their loss. In eval mode it is None.
+    """
+
+    def __init__(
+        self, params: UperNetParams, in_channels: list[int], in_strides: list[int], num_classes: int
+    ):
         super().__init__()
+        if not in_channels or len(in_channels) != len(in_strides):
+            raise ConfigError(f"upernet needs one stride per feature level, got {in_channels} / {in_strides}")
         config = UperNetConfig(
-            hidden_size=params.hidden_size, pool_scales=params.pool_scales, num_labels=num_classes
+            hidden_size=params.hidden_size,
+            pool_scales=list(params.pool_scales),
+            num_labels=num_classes,
+            auxiliary_channels=params.auxiliary_channels,
+            auxiliary_num_convs=1,
+            auxiliary_concat_input=False,
         )
         self.head = UperNetHead(config, in_channels=list(in_channels))
         self.output_stride = in_strides[0]
+        self.auxiliary_head = None
+        self.auxiliary_logits: torch.Tensor | None = None
+        self.auxiliary_loss_weight = params.auxiliary_loss_weight
+        if params.auxiliary_head:
+            i = params.auxiliary_in_index
+            if i >= len(in_channels):
+                raise ConfigError(
+                    f"model.decoder.auxiliary_in_index {i} is out of range for {len(in_channels)} "
+                    f"feature levels; use 0..{len(in_channels) - 1}"
+                )
+            self.auxiliary_head = UperNetFCNHead(config, in_channels=list(in_channels), in_index=i)
+            self.auxiliary_stride = in_strides[i]
+        init_weights(self)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        if self.auxiliary_head is not None and self.training:
+            self.auxiliary_logits = self.auxiliary_head(features)
+        else:
+            self.auxiliary_logits = None
         return self.head(features)
 
 
-def build(params: UperNetParams, in_channels, in_strides, num_classes) -> nn.Module:
+def build(
+    params: UperNetParams, in_channels: list[int], in_strides: list[int], num_classes: int
+) -> nn.Module:
     return UperNetDecoder(params, in_channels, in_strides, num_classes)
 
 
 @hookimpl
-def segframe_decoders():
+def segframe_decoders() -> list[DecoderSpec]:
     return [
         DecoderSpec(
             name="upernet",
-            description="UperNet (PPM + FPN) head from transformers' UperNetHead",
+            description="UperNet (pyramid pooling + FPN) head, transformers' UperNetHead",
             params=UperNetParams,
             build=build,
         )
