@@ -51,7 +51,9 @@ class ModelConfig(_Strict):
         description="decoder plugin name, or {name: ..., <decoder options>}",
     )
     freeze_backbone: bool = Field(False, description="train only neck, head and upsampler (and LoRA)")
-    layers: list[int] | None = Field(None, description="backbone blocks to take features from; null = family default")
+    layers: list[int] | None = Field(
+        None, description="backbone blocks to take features from; null = family default"
+    )
     intermediate_norm: bool | None = Field(
         None, description="apply the final norm to intermediate features; null = family default"
     )
@@ -62,9 +64,12 @@ class ModelConfig(_Strict):
         "progressive", description="how logits return to full resolution"
     )
     normalize: Literal["backbone", "none"] = Field(
-        "backbone", description="backbone: apply the backbone's pretraining mean/std; none: input is used as is"
+        "backbone",
+        description="backbone: apply the backbone's pretraining mean/std; none: input is used as is",
     )
-    grad_checkpointing: bool = Field(False, description="recompute backbone blocks in backward to save memory")
+    grad_checkpointing: bool = Field(
+        False, description="recompute backbone blocks in backward to save memory"
+    )
 
 
 class LoraConfig(_Strict):
@@ -165,7 +170,9 @@ def validate_config(data: Any, source: str = "<dict>") -> SegframeConfig:
         try:
             spec = registry.get(kind, choice.name).spec
         except PluginError as exc:
-            raise ConfigError(f"invalid config {source}:\n  model.{kind}: {exc}") from None
+            # a misspelt name is the config's fault; an installed plugin that fails to load is not
+            error = PluginError if choice.name in registry.broken else ConfigError
+            raise error(f"invalid config {source}:\n  model.{kind}: {exc}") from None
         try:
             params = spec.params.model_validate(choice.params)
         except ValidationError as exc:

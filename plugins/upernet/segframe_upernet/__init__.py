@@ -51,6 +51,9 @@ def init_weights(module: nn.Module) -> None:
 class UperNetDecoder(nn.Module):
     """UperNet head on a list of (B, C_i, H_i, W_i) maps; logits at the first level's resolution.
 
+    A batch of one in training mode cannot batch-normalise the 1x1 pooled map of pool scale 1
+    (one value per channel), so those BatchNorms then use their running statistics.
+
     With `auxiliary_head`, a training-mode forward also stores the FCN head's logits (at the
     resolution of level `auxiliary_in_index`, stride `auxiliary_stride`) in `auxiliary_logits`;
     the trainer adds `auxiliary_loss_weight` times their loss. In eval mode it is None.
@@ -91,7 +94,20 @@ class UperNetDecoder(nn.Module):
             self.auxiliary_logits = self.auxiliary_head(features)
         else:
             self.auxiliary_logits = None
-        return self.head(features)
+        if not (self.training and features[-1].shape[0] == 1):
+            return self.head(features)
+        norms = [
+            block.layers[1].batch_norm
+            for block in self.head.psp_modules.blocks
+            if block.layers[0].output_size in (1, (1, 1))
+        ]
+        for norm in norms:
+            norm.eval()
+        try:
+            return self.head(features)
+        finally:
+            for norm in norms:
+                norm.train()
 
 
 def build(
