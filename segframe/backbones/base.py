@@ -1,14 +1,36 @@
-"""The Backbone interface every family implements: a timm ViT plus what the model needs to know."""
+"""The Backbone interface every family implements: a timm ViT plus what the model needs to know.
+
+Also holds what the families share: loading official checkpoints through timm's own
+converters (`Backbone.convert_state_dict` / `load_checkpoint`) and resizing learned
+position embeddings the way each family's own code does (`set_pos_embed_resize`).
+"""
 
 from __future__ import annotations
 
+import logging
+import re
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from timm.models import adapt_input_conv
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from segframe.errors import SegframeError
+from segframe.backbones.checkpoint import (
+    CheckpointFormat,
+    LoadReport,
+    describe_layout,
+    read_checkpoint,
+    state_dict_from,
+)
+from segframe.errors import CheckpointError, ConfigError, SegframeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+log = logging.getLogger(__name__)
 
 
 def default_layers(depth: int) -> list[int]:
@@ -17,13 +39,79 @@ def default_layers(depth: int) -> list[int]:
     return [step * (i + 1) - 1 for i in range(4)] if step else list(range(depth))
 
 
+# ---------------------------------------------------------------- position embedding resizing
+
+def resample_pos_embed(
+    pos: torch.Tensor, new_hw: tuple[int, int], old_hw: tuple[int, int], num_prefix: int, mode: str
+) -> torch.Tensor:
+    """Resize a learned (1, prefix + h*w, D) position embedding to `new_hw`.
+
+    mode "antialias": timm's default (bicubic, antialias, exact output size).
+    mode "plain": bicubic, no antialias, exact size (MAE/RETFound and VisionFM fine-tuning code).
+    mode "offset": the DINO/DINOv2 code: bicubic, no antialias, scale factor (n + 0.1) / N.
+    """
+    if mode != "offset":
+        antialias = mode == "antialias"
+        return resample_abs_pos_embed(pos, list(new_hw), list(old_hw), num_prefix, antialias=antialias)
+    if tuple(new_hw) == tuple(old_hw):
+        return pos
+    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+    dim = pos.shape[-1]
+    grid = grid.float().reshape(1, old_hw[0], old_hw[1], dim).permute(0, 3, 1, 2)
+    scale = ((new_hw[0] + 0.1) / old_hw[0], (new_hw[1] + 0.1) / old_hw[1])
+    grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")
+    assert tuple(grid.shape[-2:]) == tuple(new_hw), (grid.shape, new_hw)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+class PosEmbedResizeViT(VisionTransformer):
+    """timm's VisionTransformer whose dynamic position-embedding resize follows `pos_embed_mode`.
+
+    timm offers no hook for the resize, so family builders switch the class of a freshly
+    built timm ViT to this one (`set_pos_embed_resize`); parameters and keys are unchanged.
+    """
+
+    pos_embed_mode: str = "antialias"
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is None or not self.dynamic_img_size or self.pos_embed_mode == "antialias":
+            return super()._pos_embed(x)
+        b, h, w, c = x.shape
+        pos_embed = resample_pos_embed(
+            self.pos_embed, (h, w), tuple(self.patch_embed.grid_size),
+            0 if self.no_embed_class else self.num_prefix_tokens, self.pos_embed_mode,
+        )
+        x = x.view(b, -1, c)
+        to_cat = [t.expand(b, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        if self.no_embed_class:
+            x = torch.cat(to_cat + [x + pos_embed], dim=1)
+        else:
+            x = torch.cat(to_cat + [x], dim=1) + pos_embed
+        return self.pos_drop(x)
+
+
+def set_pos_embed_resize(vit: nn.Module, mode: str) -> nn.Module:
+    """Make a timm VisionTransformer resize its position embedding with `mode` (see resample_pos_embed)."""
+    if mode not in ("antialias", "plain", "offset"):
+        raise ValueError(f"unknown position-embedding resize mode {mode!r}")
+    if type(vit) is not VisionTransformer and not isinstance(vit, PosEmbedResizeViT):
+        raise TypeError(f"expected a timm VisionTransformer, got {type(vit).__name__}")
+    vit.__class__ = PosEmbedResizeViT
+    vit.pos_embed_mode = mode
+    return vit
+
+
+# ---------------------------------------------------------------- the backbone
+
 class Backbone(nn.Module):
     """A ViT that returns NCHW features of chosen blocks.
 
     Attributes the model relies on: `embed_dim`, `patch_size`, `num_layers`, `mean`, `std`
     (pretraining input statistics for 3 channels in [0, 1]), `default_layers`,
     `intermediate_norm` (family default for applying the final norm to intermediate
-    features) and `vit` (the timm module, for peft and gradient checkpointing).
+    features), `in_chans` and `vit` (the timm module, for peft and gradient checkpointing).
+    `checkpoint_format` describes the family's official files (see `load_checkpoint`).
     """
 
     def __init__(
@@ -37,6 +125,7 @@ class Backbone(nn.Module):
         std: tuple[float, ...] = IMAGENET_STD,
         intermediate_norm: bool = True,
         layers: list[int] | None = None,
+        checkpoint_format: CheckpointFormat | None = None,
     ):
         super().__init__()
         self.vit = vit
@@ -45,10 +134,12 @@ class Backbone(nn.Module):
         self.patch_size = patch_size
         self.embed_dim = int(vit.embed_dim)
         self.num_layers = len(vit.blocks)
+        self.in_chans = int(vit.patch_embed.proj.weight.shape[1])
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.intermediate_norm = intermediate_norm
         self.default_layers = layers or default_layers(self.num_layers)
+        self.checkpoint_format = checkpoint_format
 
     def check_layers(self, layers: list[int]) -> list[int]:
         bad = [i for i in layers if not 0 <= i < self.num_layers]
@@ -78,3 +169,129 @@ class Backbone(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vit.set_grad_checkpointing(enable)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _format(self) -> CheckpointFormat:
+        if self.checkpoint_format is None:
+            raise CheckpointError(f"backbone {self.family} does not support loading checkpoint files")
+        return self.checkpoint_format
+
+    def _check_geometry(self, sd: dict[str, torch.Tensor]) -> None:
+        """Refuse files whose patch size or position grid differ (timm would silently resample them)."""
+        w = sd.get("patch_embed.proj.weight")
+        want = self.vit.patch_embed.proj.weight
+        if w is not None and w.ndim == 4 and tuple(w.shape[-2:]) != tuple(want.shape[-2:]):
+            raise CheckpointError(
+                f"the file has patch size {w.shape[-1]}, {self.family} {self.size} uses {want.shape[-1]}: "
+                f"it looks like {describe_layout(sd)}; choose the matching model.backbone"
+            )
+        regs = next((sd[k] for k in ("register_tokens", "storage_tokens", "reg_token") if k in sd), None)
+        n_file = regs.shape[1] if regs is not None and regs.ndim == 3 else 0
+        model_reg = getattr(self.vit, "reg_token", None)
+        n_model = model_reg.shape[1] if model_reg is not None else 0
+        if n_file != n_model:
+            raise CheckpointError(
+                f"the file has {n_file} register tokens, {self.family} {self.size} has {n_model}: "
+                f"it looks like {describe_layout(sd)}; check model.backbone and its options"
+                + (f" (`registers: {str(n_file > 0).lower()}`)" if self.family == "dinov2" else "")
+            )
+        pos, model_pos = sd.get("pos_embed"), getattr(self.vit, "pos_embed", None)
+        if pos is not None and model_pos is not None:
+            n = model_pos.shape[1]
+            allowed = {n, n + 1} if getattr(self.vit, "no_embed_class", False) else {n}
+            if pos.ndim != 3 or pos.shape[1] not in allowed:
+                grid = self.vit.patch_embed.grid_size
+                got = pos.shape[1] if pos.ndim == 3 else tuple(pos.shape)
+                raise CheckpointError(
+                    f"the file's position embedding has {got} entries; {self.family} {self.size} expects "
+                    f"{n} ({grid[0]}x{grid[1]} grid): it looks like {describe_layout(sd)}; choose the "
+                    "matching model.backbone / backbone_size"
+                )
+
+    def convert_state_dict(self, raw: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Official checkpoint contents -> (timm-named state dict for `self.vit`, dropped file keys).
+
+        `raw` is what `read_checkpoint` returns (a state dict or a training checkpoint dict).
+        Pretraining-only keys (heads, decoders, mask tokens, ...) are dropped; the rest go
+        through timm's own converter for the model's module. Nothing is loaded here, so the
+        model can map these keys onto a peft-wrapped backbone itself.
+        """
+        fmt = self._format()
+        sd, _ = state_dict_from(raw, fmt.containers)
+        return self._convert(sd, fmt)
+
+    def _convert(self, sd: dict[str, torch.Tensor], fmt: CheckpointFormat) -> tuple[dict, list[str]]:
+        drop = re.compile("|".join(f"(?:{p})" for p in fmt.drop)) if fmt.drop else None
+        dropped = sorted(k for k in sd if drop and drop.match(k))
+        self._check_geometry(sd)
+        kept = {k: v for k, v in sd.items() if k not in dropped or k in fmt.converter_needs}
+        try:
+            out = dict(fmt.filter_fn(dict(kept), self.vit))
+        except Exception as exc:  # timm's converters assume their own layout
+            raise CheckpointError(
+                f"timm's {fmt.family} converter cannot read this file ({type(exc).__name__}: {exc}); "
+                f"it looks like {describe_layout(sd)}"
+            ) from None
+        if fmt.extra is not None:
+            out.update(fmt.extra(sd))
+        w = out.get("patch_embed.proj.weight")
+        if w is not None and w.ndim == 4 and w.shape[1] != self.in_chans:
+            try:
+                out["patch_embed.proj.weight"] = adapt_input_conv(self.in_chans, w)
+            except NotImplementedError:
+                raise CheckpointError(
+                    f"cannot adapt the file's {w.shape[1]}-channel patch embedding to "
+                    f"in_chans={self.in_chans}"
+                ) from None
+        return out, dropped
+
+    def load_checkpoint(self, path: str | Path, trust: bool = False, strict: bool = True) -> LoadReport:
+        """Load an official weight file into `self.vit` exactly, or raise CheckpointError and change nothing.
+
+        Accepts plain state dicts, {'model': ...}, {'teacher'|'student': ...} with `module.`
+        / `backbone.` prefixes, .pth and .safetensors. Unknown keys are always an error;
+        with `strict` (default) any backbone key the file lacks is an error listing them.
+        """
+        fmt = self._format()
+        raw = read_checkpoint(path, trust=trust)
+        try:
+            sd, source = state_dict_from(raw, fmt.containers)
+            out, dropped = self._convert(sd, fmt)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        target = self.vit.state_dict()
+        missing = sorted(k for k in target if k not in out)
+        unexpected = sorted(k for k in out if k not in target)
+        shapes = sorted(
+            f"{k} {tuple(out[k].shape)} vs {tuple(target[k].shape)}"
+            for k in out if k in target and out[k].shape != target[k].shape
+        )
+        if unexpected or shapes or (missing and strict):
+            problems = []
+            if missing:
+                problems.append(f"missing backbone keys ({len(missing)}): {', '.join(missing[:12])}"
+                                + (" ..." if len(missing) > 12 else ""))
+            if unexpected:
+                problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:12])}"
+                                + (" ..." if len(unexpected) > 12 else ""))
+            if shapes:
+                problems.append(f"shape mismatches: {'; '.join(shapes[:6])}")
+            raise CheckpointError(
+                f"{path} does not fit {self.family} {self.size}: " + "; ".join(problems)
+                + f". The file looks like {describe_layout(sd)}"
+                + (f"; official {self.family} files: {fmt.files}" if fmt.files else "")
+                + ". Check model.backbone, model.backbone_size and the backbone options."
+            )
+        self.vit.load_state_dict(out, strict=False)
+        report = LoadReport(str(path), source, loaded=sorted(out), dropped=dropped, missing=missing)
+        log.info(report.summary())
+        return report
+
+
+def check_size(sizes: dict, size: str, family: str) -> None:
+    """Unknown sizes are a config error naming the known ones."""
+    if size not in sizes:
+        raise ConfigError(
+            f"model.backbone_size {size!r} is not a size of {family}; choose one of {', '.join(sizes)}"
+        )

@@ -1,0 +1,187 @@
+"""Reading official backbone checkpoint files safely and describing their key layout.
+
+`read_checkpoint` opens .pth/.pt/.bin (torch.load with weights_only=True) and .safetensors
+files; `state_dict_from` picks the tensors out of a training checkpoint
+(`teacher`/`student`/`model`/...) and strips DDP/DINO prefixes. Each family describes its
+official layout with a `CheckpointFormat`; `Backbone.convert_state_dict` uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segframe.errors import CheckpointError
+
+TRUST_HINT = "set `model.trust_checkpoint: true` in the YAML only if you trust where the file comes from"
+PREFIXES = ("module.", "backbone.", "_orig_mod.")  # DDP, DINO/iBOT multi-crop wrapper, torch.compile
+
+
+@dataclass
+class LoadReport:
+    """What a checkpoint load did: timm keys loaded, file keys dropped, model keys left missing."""
+
+    path: str
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line: counts, and the dropped/missing keys grouped by pattern."""
+        line = (f"checkpoint {self.path} ({self.source}): loaded {len(self.loaded)}, "
+                f"dropped {len(self.dropped)}, missing {len(self.missing)}")
+        if self.dropped:
+            line += f"; dropped {group_keys(self.dropped)}"
+        if self.missing:
+            line += f"; missing (left at init) {group_keys(self.missing)}"
+        return line
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """How one family's official files are laid out and turned into timm keys.
+
+    `filter_fn` is timm's own converter for the model's module (`checkpoint_filter_fn`).
+    `drop` are regexes (matched from the start of a key, after prefix stripping) of
+    pretraining-only keys; `converter_needs` are dropped keys that timm's converter still
+    uses to recognise the layout (it removes them itself). `extra(raw)` returns timm-named
+    tensors that timm's converter skips on purpose (e.g. DINOv3's RoPE periods).
+    """
+
+    family: str
+    filter_fn: Callable[[dict, torch.nn.Module], dict]
+    containers: tuple[str, ...] = ("teacher", "student", "model", "state_dict", "module")
+    drop: tuple[str, ...] = ()
+    converter_needs: frozenset[str] = frozenset()
+    extra: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    files: str = ""  # official file names, for error messages
+
+
+def group_keys(keys: list[str], limit: int = 6) -> str:
+    """Keys grouped by pattern with block numbers folded: 'blocks.*.attn.qkv.bias_mask (12), mask_token'."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        pattern = re.sub(r"\.\d+(?=\.|$)", ".*", k)
+        pattern = re.sub(r"^(decoder_\w+|dino_head|ibot_head|head)\..*", r"\1.*", pattern)
+        counts[pattern] = counts.get(pattern, 0) + 1
+    parts = [f"{p} ({n})" if n > 1 else p for p, n in counts.items()]
+    more = f", ... ({len(parts) - limit} more patterns)" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more
+
+
+def _weights_only_reason(exc: Exception) -> str:
+    for line in str(exc).splitlines():
+        if "unsupported" in line.lower():
+            return line.strip().removeprefix("WeightsUnpickler error:").strip()
+    return str(exc).splitlines()[0][:200]
+
+
+def read_checkpoint(path: str | Path, trust: bool = False) -> Mapping[str, Any]:
+    """The top-level mapping stored in `path` (.safetensors, or a torch.save file).
+
+    torch files are read with weights_only=True (argparse.Namespace, which DINO-style
+    training checkpoints store as `args`, is allowed: it holds plain values). A file that
+    needs arbitrary unpickling is refused unless `trust` is true.
+    """
+    p = Path(path)
+    if not str(path):
+        raise CheckpointError("no checkpoint path given: set model.checkpoint_path")
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint file {p} does not exist: check model.checkpoint_path")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {p} as safetensors (truncated or corrupt?): {exc}") from None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise CheckpointError(f"cannot read {p}: truncated or not a PyTorch checkpoint ({exc})") from None
+        if not trust:
+            raise CheckpointError(
+                f"{p} stores Python objects that need full unpickling ({_weights_only_reason(exc)}), "
+                f"which can run arbitrary code; {TRUST_HINT}, or re-save its state dict with torch.save()"
+            ) from None
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as exc2:  # trusted but unreadable
+            raise CheckpointError(f"cannot read {p}: {type(exc2).__name__}: {exc2}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot read {p}: truncated or not a PyTorch checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else 'empty file'})"
+        ) from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{p} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
+    return obj
+
+
+def _tensors(obj: Any) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, Mapping):
+        return {}
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def state_dict_from(
+    obj: Mapping[str, Any], containers: tuple[str, ...]
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of the first container present (e.g. 'teacher'), prefixes stripped.
+
+    Returns (state dict, where it came from). A plain state dict is returned as is.
+    """
+    for name in containers:
+        if isinstance(obj.get(name), Mapping) and _tensors(obj[name]):
+            sd, source = _tensors(obj[name]), f"'{name}'"
+            break
+    else:
+        sd, source = _tensors(obj), "state dict"
+    if not sd:
+        keys = ", ".join(list(map(str, obj))[:8])
+        raise CheckpointError(
+            f"no tensors found (top-level keys: {keys}); expected a state dict or one of "
+            f"{', '.join(repr(c) for c in containers)}"
+        )
+    return {strip_prefixes(k): v for k, v in sd.items()}, source
+
+
+def strip_prefixes(key: str) -> str:
+    """'module.backbone.blocks.0...' -> 'blocks.0...'; also unchunks DINOv2 'blocks.<chunk>.<i>.' keys."""
+    changed = True
+    while changed:
+        changed = False
+        for p in PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    # DINOv2 training checkpoints with block_chunks > 0 store blocks.<chunk>.<global index>.
+    return re.sub(r"^blocks\.\d+\.(\d+)\.(norm1|attn|ls1|norm2|mlp|ls2)", r"blocks.\1.\2", key)
+
+
+def describe_layout(sd: Mapping[str, Any]) -> str:
+    """A guess at which family's official file this is, for error messages."""
+    keys = set(sd)
+    if "storage_tokens" in keys or "rope_embed.periods" in keys:
+        return "a DINOv3 checkpoint (storage_tokens, RoPE)"
+    if any(k.startswith("decoder_") for k in keys):
+        return "an MAE checkpoint (decoder_* keys), e.g. RETFound-MAE"
+    if "register_tokens" in keys:
+        return "a DINOv2 checkpoint with registers"
+    if "pos_embed" in keys and any(".ls1.gamma" in k for k in keys):
+        return "a DINOv2-style checkpoint (layer scale, learned position embedding)"
+    if "masked_embed" in keys or any(k.startswith("head.last_layer") for k in keys):
+        return "an iBOT-style checkpoint (VisionFM)"
+    if "pos_embed" in keys:
+        return "a plain ViT checkpoint without layer scale (e.g. RETFound-MAE, VisionFM)"
+    return "not a ViT checkpoint known here"
