@@ -420,3 +420,27 @@ def test_not_a_state_dict(tmp_path):
     with pytest.raises(CheckpointError, match="no tensors found"):
         target.load_checkpoint(tmp_path / "empty.pth")
     assert issubclass(CheckpointError, SegframeError)
+
+
+def test_load_into_lora_wrapped_backbone(tmp_path):
+    """peft renames qkv.weight -> qkv.base_layer.weight; loading still fills it and leaves adapters alone."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    writer, contents = make_file("dinov3")
+    torch.save(contents, tmp_path / "f.pth")
+    target = CASES["dinov3"][0]()
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=r".*blocks\.\d+\.attn\.qkv"), target)
+    lora_b = [p for n, p in target.named_parameters() if "lora_B" in n]
+    with torch.no_grad():
+        for p in lora_b:
+            p.fill_(0.3)
+    report = target.load_checkpoint(tmp_path / "f.pth")
+    assert "blocks.0.attn.qkv.weight" in report.loaded and not report.missing
+    qkv = target.vit.blocks[0].attn.qkv
+    torch.testing.assert_close(qkv.base_layer.weight, writer.vit.blocks[0].attn.qkv.weight)
+    assert all(bool((p == 0.3).all()) for p in lora_b)  # adapters untouched
+    with torch.no_grad():
+        for p in lora_b:
+            p.zero_()
+    x = torch.randn(1, 3, 32, 48)
+    assert max_diff(feats(target.eval(), x), feats(writer, x)) < 1e-5

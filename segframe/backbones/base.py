@@ -246,12 +246,23 @@ class Backbone(nn.Module):
                 ) from None
         return out, dropped
 
-    def load_checkpoint(self, path: str | Path, trust: bool = False, strict: bool = True) -> LoadReport:
-        """Load an official weight file into `self.vit` exactly, or raise CheckpointError and change nothing.
+    def _target_keys(self) -> dict[str, str]:
+        """timm key -> key in `self.vit.state_dict()`; peft wraps `qkv` as `qkv.base_layer` + adapters."""
+        keys = {}
+        for k in self.vit.state_dict():
+            if ".lora_" in k or ".lora_magnitude_vector" in k:
+                continue  # adapter weights: never in a pretrained file
+            keys[k.replace(".base_layer.", ".")] = k
+        return keys
 
-        Accepts plain state dicts, {'model': ...}, {'teacher'|'student': ...} with `module.`
-        / `backbone.` prefixes, .pth and .safetensors. Unknown keys are always an error;
-        with `strict` (default) any backbone key the file lacks is an error listing them.
+    def prepare_checkpoint(
+        self, path: str | Path, trust: bool = False, strict: bool = True
+    ) -> tuple[dict[str, torch.Tensor], LoadReport]:
+        """Read, convert and check an official file against this backbone without loading it.
+
+        Returns (state dict keyed like `self.vit.state_dict()`, so peft-wrapped names included,
+        report). Raises CheckpointError for unknown keys, shape mismatches and (with `strict`)
+        backbone keys the file lacks.
         """
         fmt = self._format()
         raw = read_checkpoint(path, trust=trust)
@@ -260,12 +271,13 @@ class Backbone(nn.Module):
             out, dropped = self._convert(sd, fmt)
         except CheckpointError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
+        keys = self._target_keys()
         target = self.vit.state_dict()
-        missing = sorted(k for k in target if k not in out)
-        unexpected = sorted(k for k in out if k not in target)
+        missing = sorted(k for k in keys if k not in out)
+        unexpected = sorted(k for k in out if k not in keys)
         shapes = sorted(
-            f"{k} {tuple(out[k].shape)} vs {tuple(target[k].shape)}"
-            for k in out if k in target and out[k].shape != target[k].shape
+            f"{k} {tuple(out[k].shape)} vs {tuple(target[keys[k]].shape)}"
+            for k in out if k in keys and out[k].shape != target[keys[k]].shape
         )
         if unexpected or shapes or (missing and strict):
             problems = []
@@ -283,8 +295,19 @@ class Backbone(nn.Module):
                 + (f"; official {self.family} files: {fmt.files}" if fmt.files else "")
                 + ". Check model.backbone, model.backbone_size and the backbone options."
             )
-        self.vit.load_state_dict(out, strict=False)
         report = LoadReport(str(path), source, loaded=sorted(out), dropped=dropped, missing=missing)
+        return {keys[k]: v for k, v in out.items()}, report
+
+    def load_checkpoint(self, path: str | Path, trust: bool = False, strict: bool = True) -> LoadReport:
+        """Load an official weight file into `self.vit` exactly, or raise CheckpointError and change nothing.
+
+        Accepts plain state dicts, {'model': ...}, {'teacher'|'student': ...} with `module.`
+        / `backbone.` prefixes, .pth and .safetensors. Unknown keys are always an error;
+        with `strict` (default) any backbone key the file lacks is an error listing them.
+        Works before and after peft has wrapped modules of the backbone (adapters untouched).
+        """
+        state, report = self.prepare_checkpoint(path, trust=trust, strict=strict)
+        self.vit.load_state_dict(state, strict=False)
         log.info(report.summary())
         return report
 
