@@ -89,9 +89,9 @@ def official_dinov2(vit) -> dict[str, torch.Tensor]:
         out["register_tokens"] = sd.pop("reg_token")
         out["cls_token"] = sd.pop("cls_token") - pos0
         out["pos_embed"] = torch.cat([pos0, sd.pop("pos_embed")], dim=1)
-    glu = any(".mlp.fc1_g." in k for k in sd)
-    assert not glu, "giant's packed SwiGLU uses mlp.fc1 -> w12 (not needed for tiny)"
-    out.update(sd)
+    packed_swiglu = type(vit.blocks[0].mlp).__name__ == "GluMlp"  # giant: official w12 (x1|x2) and w3
+    for k, v in sd.items():
+        out[k.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3.") if packed_swiglu else k] = v
     out["mask_token"] = torch.randn(1, vit.embed_dim)
     return out
 
@@ -284,6 +284,39 @@ def test_dinov3_swiglu_and_7b_layouts(tmp_path):
         loaded.load_checkpoint(tmp_path / "f.pth")
         x = torch.randn(1, 3, 32, 48)
         assert max_diff(feats(loaded.eval(), x), feats(writer, x)) < 1e-5, name
+
+
+def test_dinov2_giant_swiglu_layout(tmp_path):
+    """giant's fused SwiGLU (mlp.w12 / mlp.w3 in the official file), on a tiny stand-in."""
+    def build():
+        vit = timm.create_model("vit_giant_patch14_dinov2", pretrained=False, num_classes=0,
+                                dynamic_img_size=True, mlp_ratio=4, **TINY)
+        return Backbone(vit, family="dinov2", size="tiny", patch_size=14, checkpoint_format=dinov2.FORMAT)
+    writer = randomize(build(), 2)
+    contents = official_dinov2(writer.vit)
+    assert "blocks.0.mlp.w12.weight" in contents and "blocks.0.mlp.fc1.weight" not in contents
+    torch.save(contents, tmp_path / "g.pth")
+    loaded = build()
+    loaded.load_checkpoint(tmp_path / "g.pth")
+    x = torch.randn(1, 3, 28, 42)
+    assert max_diff(feats(loaded.eval(), x), feats(writer, x)) < 1e-5
+
+
+def test_chunked_dinov2_training_checkpoint(tmp_path):
+    """DINOv2 training with block_chunks=2 saves blocks.<chunk>.<global index>.*; they are unchunked."""
+    writer, contents = make_file("retfound_dinov2")
+    teacher = {}
+    for k, v in contents["teacher"].items():
+        if k.startswith("backbone.blocks."):
+            i = int(k.split(".")[2])
+            k = k.replace(f"backbone.blocks.{i}.", f"backbone.blocks.{i // 2}.{i}.")
+        teacher[k] = v
+    assert "backbone.blocks.1.3.norm1.weight" in teacher
+    torch.save({"teacher": teacher}, tmp_path / "chunked.pth")
+    loaded = CASES["retfound_dinov2"][0]()
+    loaded.load_checkpoint(tmp_path / "chunked.pth")
+    x = torch.randn(1, 3, 28, 42)
+    assert max_diff(feats(loaded.eval(), x), feats(writer, x)) < 1e-5
 
 
 def test_gray_input_adapts_patch_embedding(tmp_path):
