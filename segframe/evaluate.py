@@ -121,9 +121,10 @@ def format_markdown(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """`value` with NaN floats replaced by None, so the JSON is standard."""
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
@@ -132,7 +133,7 @@ def save_results(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / "metrics.json", out / "metrics.csv"
-    json_path.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+    json_path.write_text(json.dumps(json_safe(result), indent=2) + "\n")
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["case", *METRICS, "tp", "fp", "fn", "tn"])

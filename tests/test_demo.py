@@ -1,0 +1,105 @@
+"""The demo's flow with nnU-Net's commands stubbed: stage order, command lines, outputs, data choice."""
+
+import functools
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import segframe.data
+from segframe import demo
+from segframe.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_data import write_drive  # noqa: E402
+
+
+def test_demo_config_is_valid():
+    from segframe.config import load_config
+
+    cfg = load_config(demo.DEFAULT_CONFIG)
+    assert cfg.train.patch_size == [256, 256] and cfg.model.checkpoint_path == ""
+
+
+@pytest.fixture
+def fake_nnunet(monkeypatch):
+    """Replace the subprocess calls: training writes a checkpoint, prediction copies the references
+    with one case's prediction emptied."""
+    calls = []
+
+    def run(cmd, env):
+        calls.append(cmd)
+        if "train" in cmd:
+            dataset_id = int(cmd[cmd.index("train") + 1])
+            fold = Path(env["nnUNet_results"], f"Dataset{dataset_id:03d}_X", "Trainer__Plans__2d", "fold_0")
+            fold.mkdir(parents=True)
+            (fold / "checkpoint_final.pth").write_bytes(b"")
+        if "predict" in cmd:
+            src, out = Path(cmd[cmd.index("-i") + 1]), Path(cmd[cmd.index("-o") + 1])
+            shutil.copytree(src.parent / "labelsTs", out)
+            first = sorted(out.glob("*.png"))[0]
+            from PIL import Image
+
+            Image.fromarray(np.zeros_like(np.asarray(Image.open(first)))).save(first)
+
+    monkeypatch.setattr(demo, "_run", run)
+    return calls
+
+
+def test_demo_on_generated_data(tmp_path, fake_nnunet, capsys, monkeypatch):
+    small = functools.partial(segframe.data.make_synthetic, num_train=4, num_test=3, size=64)
+    monkeypatch.setattr(segframe.data, "make_synthetic", small)
+    summary = demo.run_demo("", tmp_path / "work", checkpoint=None)
+    out = capsys.readouterr().out
+    assert "generated vessel-like images" in out and "dice" in out
+    plan, train, predict = fake_nnunet
+    assert Path(plan[0]).name == "nnUNetv2_plan_and_preprocess" and plan[1:5] == ["-d", "503", "-c", "2d"]
+    assert train[1:] == ["-m", "segframe.cli", "train", "503", "2d", "0", "--config",
+                         str(tmp_path / "work" / "demo_config.yaml"), "-device", "cpu"]
+    model_folder = predict[predict.index("-m", predict.index("predict")) + 1]
+    assert model_folder.endswith("Trainer__Plans__2d") and "--disable_tta" in predict
+    cases = summary["metrics"]["cases"]
+    assert [c["dice"] for c in cases.values()] == [0.0, 1.0, 1.0]
+    work = tmp_path / "work"
+    assert json.loads((work / "summary.json").read_text())["metrics"]["mean"]["dice"] == pytest.approx(2 / 3)
+    assert "random initialisation" in (work / "summary.md").read_text()
+    assert (work / "metrics.csv").is_file()
+    assert sorted(p.name for p in (work / "overlays").iterdir()) == [f"test_00{i}.png" for i in range(3)]
+
+
+def test_demo_on_drive_with_checkpoint(tmp_path, fake_nnunet):
+    write_drive(tmp_path / "DRIVE")
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"x")
+    summary = demo.run_demo(str(tmp_path / "DRIVE"), tmp_path / "work", checkpoint=str(weights), tta=True)
+    assert summary["data"].startswith("DRIVE") and "Dataset501_DRIVE" in summary["dataset"]
+    assert "--disable_tta" not in fake_nnunet[-1]
+    used = yaml.safe_load((tmp_path / "work" / "demo_config.yaml").read_text())
+    assert used["model"]["checkpoint_path"] == str(weights)
+    assert summary["weights"].startswith("fine-tuned from")
+
+
+def test_overlay_colours():
+    image = np.full((2, 3, 3), 100, np.uint8)
+    truth = np.array([[1, 1, 0], [0, 0, 0]], bool)
+    pred = np.array([[1, 0, 1], [0, 0, 0]], bool)
+    panel = demo.overlay(image, truth, pred)
+    assert panel.shape == (2, 4 * 3 + 3 * 8, 3)
+    errors = panel[:, -3:]
+    assert errors[0, 0].tolist() == [0, 255, 0] and errors[0, 2].tolist() == [255, 0, 0]
+    assert errors[0, 1].tolist() == [0, 96, 255] and errors[1, 0].tolist() == [60, 60, 60]
+    assert (panel[:, 3 + 8:6 + 8, 0] == truth * 255).all()
+
+
+def test_demo_errors(tmp_path, fake_nnunet, capsys):
+    assert main(["demo", "--data", str(tmp_path / "nowhere"), "--work", str(tmp_path / "w")]) == 1
+    assert "data folder not found" in capsys.readouterr().err
+    with pytest.raises(demo.DemoError, match="no trained model"):
+        demo.find_results_folder(tmp_path, 502)
+    (tmp_path / "empty").mkdir()
+    assert main(["demo", "--data", str(tmp_path / "empty"), "--work", str(tmp_path / "w")]) == 1
+    assert "Image_01L.jpg" in capsys.readouterr().err
