@@ -1,78 +1,294 @@
-"""ViTSegModel: pad, normalise, extract ViT features, neck, plugin head, upsample, crop.
+"""ViTSegModel: normalise, pad, extract ViT features, neck, plugin head, upsample, crop.
 
-The one model for every backbone and decoder; plugins own only the head.
+The one model for every backbone and decoder; plugins own only the head. Also the
+seed-compatible factory `create_segmentation_model`.
 """
 
 from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segframe.backbones.checkpoint import LoadReport
 from segframe.config import SegframeConfig, validate_config
-from segframe.errors import SegframeError
+from segframe.errors import ConfigError, PluginError, SegframeError
+from segframe.lora import add_lora, format_counts, has_lora, merge_lora, parameter_counts
 from segframe.plugins import get_registry
+from segframe.upsample import build_neck, build_upsampler
+
+log = logging.getLogger(__name__)
+
+# Backbone parameters that get no weight decay besides biases and norms (all 1-D).
+_NO_DECAY = re.compile(r"(^|\.)(cls_token|reg_token|pos_embed|mask_token|register_tokens|storage_tokens)$")
+_BLOCK = re.compile(r"^backbone\.vit\.blocks\.(\d+)\.")
 
 
 class ViTSegModel(nn.Module):
     """Segmentation model built from a validated `SegframeConfig`.
 
     forward(x: (B, in_channels, H, W)) -> logits (B, num_classes, H, W), any H, W >= 1.
-    Pretrained weights are not loaded here (nnU-Net rebuilds the network for inference);
-    call `load_pretrained()` when training starts.
+
+    Submodules (and state-dict prefixes): `backbone` (a `segframe.backbones.Backbone`; its
+    timm ViT is `backbone.vit`, blocks `backbone.vit.blocks.{i}.`), `neck`, `decoder` (the
+    plugin's head), `upsampler`. Pretrained backbone weights are not loaded by the constructor
+    (nnU-Net rebuilds the network for inference): call `load_pretrained()` when training starts.
+
+    Input channels: 1 -> repeated to 3, then the backbone's normalisation; 3 -> as is; any
+    other C -> the backbone is built with C input channels (a pretrained 3-channel patch
+    embedding is adapted on loading) and every channel uses the mean of the backbone's three
+    means and stds.
     """
 
     def __init__(self, config: SegframeConfig | dict, in_channels: int = 3, num_classes: int = 2):
         super().__init__()
         if not isinstance(config, SegframeConfig):
             config = validate_config(config)
+        if in_channels < 1:
+            raise ConfigError(f"in_channels must be >= 1, got {in_channels}")
+        if num_classes < 1:
+            raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
         self.config = config
         self.in_channels = in_channels
         self.num_classes = num_classes
         registry = get_registry()
         m = config.model
+
+        backbone_chans = 3 if in_channels in (1, 3) else in_channels
         bb_spec = registry.backbone(m.backbone.name).spec
-        self.backbone = bb_spec.build(m.backbone_size, config.backbone_params())
+        self.backbone = bb_spec.build(m.backbone_size, config.backbone_params(), in_chans=backbone_chans)
         self.layers = self.backbone.check_layers(m.layers or self.backbone.default_layers)
+        self.intermediate_norm = (
+            self.backbone.intermediate_norm if m.intermediate_norm is None else m.intermediate_norm
+        )
         self.patch_size = self.backbone.patch_size
-        self.register_buffer("mean", torch.tensor(self.backbone.mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(self.backbone.std).view(1, -1, 1, 1), persistent=False)
-        d = self.backbone.embed_dim
-        in_ch = [d] * len(self.layers)
-        in_strides = [self.patch_size] * len(self.layers)
-        dec_spec = registry.decoder(m.decoder.name).spec
-        self.decoder = dec_spec.build(config.decoder_params(), in_ch, in_strides, num_classes)
+        mean, std = torch.tensor(self.backbone.mean), torch.tensor(self.backbone.std)
+        if backbone_chans != 3:
+            mean, std = mean.mean().repeat(backbone_chans), std.mean().repeat(backbone_chans)
+        self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
+
+        self.neck = build_neck(m.neck, self.backbone.embed_dim, self.patch_size, len(self.layers))
+        dec = registry.decoder(m.decoder.name)
+        self.decoder = dec.spec.build(
+            config.decoder_params(), list(self.neck.out_channels), list(self.neck.out_strides), num_classes
+        )
+        stride = getattr(self.decoder, "output_stride", None)
+        if not isinstance(stride, int | float) or stride <= 0:
+            raise PluginError(
+                f"decoder {m.decoder.name!r} ({dec.distribution}) built a head without a positive "
+                f"`output_stride` attribute (got {stride!r}); the plugin must set it"
+            )
+        self.upsampler = build_upsampler(m.upsampler, num_classes, stride)
+
+        if m.freeze_backbone:
+            self.backbone.requires_grad_(False)
+        if config.lora.enabled:
+            self.enable_lora()
+        self._freeze_unused()
+        if m.grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+
+    def _freeze_unused(self) -> None:
+        """Freeze backbone parameters the forward never uses: blocks after the last chosen layer,
+        and the final norm when intermediate features are not normed. They would get no gradient,
+        which DDP (as nnU-Net runs it) treats as an error."""
+        vit = self.backbone.vit
+        for block in list(vit.blocks)[max(self.layers) + 1:]:
+            block.requires_grad_(False)
+        if not self.intermediate_norm and isinstance(getattr(vit, "norm", None), nn.Module):
+            vit.norm.requires_grad_(False)
+
+    # ------------------------------------------------------------ forward
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise SegframeError(f"expected a torch.Tensor (B, C, H, W), got {type(x).__name__}")
         if x.ndim != 4:
-            raise SegframeError(f"expected input (B, C, H, W), got shape {tuple(x.shape)}")
+            hint = " (add a batch dimension: x[None])" if x.ndim == 3 else ""
+            raise SegframeError(f"expected input (B, C, H, W), got shape {tuple(x.shape)}{hint}")
         if x.shape[1] != self.in_channels:
             raise SegframeError(
-                f"expected {self.in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})"
+                f"expected {self.in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
+                "build the model with in_channels matching the data"
             )
+        if min(x.shape) < 1:
+            raise SegframeError(f"input has an empty dimension: shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise SegframeError(f"expected a floating-point input, got {x.dtype} (shape {tuple(x.shape)})")
+        # data-dependent check: skipped while torch.compile traces (it would break the graph)
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+            what = "NaN" if bool(torch.isnan(x).any()) else "infinite"
+            raise SegframeError(f"input of shape {tuple(x.shape)} contains {what} values")
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == 1:
+        if self.in_channels == 1:
             x = x.expand(-1, 3, -1, -1)
         if self.config.model.normalize == "backbone":
             x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         return x
 
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Pad bottom/right to a multiple of the patch: reflect, or replicate where a side is too short."""
         h, w = x.shape[-2:]
         p = self.patch_size
         ph, pw = -h % p, -w % p
-        if not (ph or pw):
-            return x
-        pad = (0, pw, 0, ph)
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        return F.pad(x, pad, mode=mode)
+        if pw:
+            x = F.pad(x, (0, pw, 0, 0), mode="reflect" if pw < w else "replicate")
+        if ph:
+            x = F.pad(x, (0, 0, 0, ph), mode="reflect" if ph < h else "replicate")
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         h, w = x.shape[-2:]
-        x = self._pad(self._normalize(x))
-        feats = self.backbone.features(x, self.layers)
-        logits = self.decoder(feats)
-        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        x = self.pad(self._normalize(x))
+        features = self.backbone.features(x, self.layers, self.intermediate_norm)
+        logits = self.decoder(self.neck(features))
+        logits = self.upsampler(logits, x.shape[-2:])
         return logits[..., :h, :w]
+
+    # ------------------------------------------------------------ weights
+
+    def load_pretrained(
+        self, path: str | Path | None = None, trust: bool | None = None, strict: bool = True
+    ) -> LoadReport | None:
+        """Load the official backbone file (default: config model.checkpoint_path / trust_checkpoint).
+
+        Works with and without LoRA adapters (peft's `qkv.base_layer.weight` names are mapped;
+        adapters are left alone). Returns the backbone's `LoadReport`, or None when no path is
+        configured (random init). Raises CheckpointError and changes nothing when the file does
+        not fit.
+        """
+        path = self.config.model.checkpoint_path if path is None else path
+        trust = self.config.model.trust_checkpoint if trust is None else trust
+        if not path:
+            log.info("no checkpoint_path: the backbone keeps its random initialisation")
+            return None
+        return self.backbone.load_checkpoint(path, trust=trust, strict=strict)
+
+    # ------------------------------------------------------------ LoRA and parameters
+
+    @property
+    def lora_active(self) -> bool:
+        return has_lora(self.backbone)
+
+    def enable_lora(self) -> None:
+        """Add LoRA adapters (config `lora`) to the backbone blocks; a no-op if they are there.
+
+        The backbone's own weights are frozen (peft), the adapters trainable. `self.config`
+        is updated (`lora.enabled: true`) so a model rebuilt from it has the same state-dict keys.
+        """
+        if not self.lora_active:
+            add_lora(self.backbone.vit, self.config.lora)
+            self._freeze_unused()
+        self._set_lora_flag(True)
+
+    def disable_lora(self) -> None:
+        """Merge the adapters into the backbone weights and remove them (outputs unchanged).
+
+        The model then has the module tree and state-dict keys of a model without LoRA, and
+        `self.config` says `lora.enabled: false`. Merged backbone weights stay frozen.
+        """
+        if self.lora_active:
+            merge_lora(self.backbone.vit)
+        self._set_lora_flag(False)
+
+    def _set_lora_flag(self, enabled: bool) -> None:
+        lora = self.config.lora.model_copy(update={"enabled": enabled})
+        self.config = self.config.model_copy(update={"lora": lora})
+
+    def parameter_counts(self) -> dict[str, tuple[int, int]]:
+        """Part -> (trainable, total) for backbone, lora (adapters), neck, decoder, upsampler."""
+        parts = {"backbone": self.backbone, "neck": self.neck, "decoder": self.decoder}
+        return parameter_counts({**parts, "upsampler": self.upsampler})
+
+    def print_trainable_parameters(self, detailed: bool = False) -> dict[str, tuple[int, int]]:
+        """Print trainable / all parameters (and per part with `detailed`); returns `parameter_counts()`."""
+        counts = self.parameter_counts()
+        print(format_counts(counts, detailed))
+        return counts
+
+    def layer_id(self, name: str) -> int:
+        """Depth of a parameter for layer-wise LR decay: 0 = embeddings, i + 1 = block i,
+        num_layers + 1 = the backbone's final norm and everything after the backbone."""
+        n = self.backbone.num_layers
+        if not name.startswith("backbone."):
+            return n + 1
+        match = _BLOCK.match(name)
+        if match:
+            return int(match.group(1)) + 1
+        return n + 1 if name.startswith(("backbone.vit.norm.", "backbone.vit.fc_norm.")) else 0
+
+    def param_groups(
+        self, lr: float, weight_decay: float, layer_decay: float | None = None, backbone_lr_scale: float = 1.0
+    ) -> list[dict[str, Any]]:
+        """Optimizer parameter groups of the trainable parameters.
+
+        Backbone parameters get `lr * backbone_lr_scale * layer_decay ** (num_layers + 1 - layer_id)`
+        (BEiT's layer-wise decay; `layer_decay=None` = no decay); neck, head and upsampler get
+        `lr`. Biases, norm weights, LayerScale and tokens/position embeddings get no weight decay.
+        Each group also has `lr_scale` (for schedulers that set `lr = base_lr * factor * lr_scale`)
+        and `names`.
+        """
+        n = self.backbone.num_layers
+        groups: dict[tuple[float, float], dict[str, Any]] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            scale = 1.0
+            if name.startswith("backbone."):
+                decay = layer_decay ** (n + 1 - self.layer_id(name)) if layer_decay else 1.0
+                scale = backbone_lr_scale * decay
+            no_decay = p.ndim <= 1 or bool(_NO_DECAY.search(name))
+            wd = 0.0 if no_decay else weight_decay
+            group = groups.setdefault((scale, wd), {
+                "params": [], "names": [], "lr": lr * scale, "lr_scale": scale, "weight_decay": wd,
+            })
+            group["params"].append(p)
+            group["names"].append(name)
+        return list(groups.values())
+
+
+def create_segmentation_model(
+    backbone_name: str = "dinov3",
+    backbone_size: str = "large",
+    num_classes: int = 1,
+    checkpoint_path: str | None = None,
+    freeze_backbone: bool = False,
+    use_lora: bool = True,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.05,
+    lora_target_modules: list[str] | None = None,
+    decoder: str = "upernet",
+    in_channels: int = 3,
+    **decoder_params: Any,
+) -> ViTSegModel:
+    """The seed's factory: a `ViTSegModel` from keyword arguments, pretrained weights loaded.
+
+    `decoder_params` are the decoder's YAML keys (e.g. `hidden_size=256`), validated by the
+    plugin (unknown keys are a ConfigError). Everything else takes the config defaults.
+    """
+    lora: dict[str, Any] = {"enabled": use_lora, "r": lora_rank, "lora_alpha": lora_alpha,
+                            "lora_dropout": lora_dropout}
+    if lora_target_modules is not None:
+        lora["target_modules"] = list(lora_target_modules)
+    cfg = validate_config({
+        "model": {
+            "backbone": backbone_name,
+            "backbone_size": backbone_size,
+            "checkpoint_path": checkpoint_path or "",
+            "decoder": {"name": decoder, **decoder_params},
+            "freeze_backbone": freeze_backbone,
+        },
+        "lora": lora,
+    }, source="create_segmentation_model()")
+    model = ViTSegModel(cfg, in_channels=in_channels, num_classes=num_classes)
+    model.load_pretrained()
+    return model
