@@ -19,6 +19,7 @@ COMMANDS = {
     "config": "segframe.commands",
     "train": "segframe.nnunet.cli",
     "predict": "segframe.nnunet.cli",
+    "trainer-path": "segframe.nnunet.cli",
     "data": "segframe.data.cli",
     "evaluate": "segframe.evaluate",
     "demo": "segframe.demo",

@@ -99,6 +99,9 @@ class TrainConfig(_Strict):
         None, description="override nnU-Net's 2D patch size [H, W]; rounded to a multiple of the ViT patch"
     )
     batch_size: int | None = Field(None, ge=1, description="override nnU-Net's batch size")
+    save_every: int = Field(
+        50, ge=1, description="write checkpoint_latest.pth every this many epochs (for --c)"
+    )
 
 
 class SegframeConfig(_Strict):

@@ -85,6 +85,9 @@ class ViTSegModel(nn.Module):
                 f"`output_stride` attribute (got {stride!r}); the plugin must set it"
             )
         self.upsampler = build_upsampler(m.upsampler, num_classes, stride)
+        # the decoder's auxiliary logits of the last training forward, at the input size (or None);
+        # a trainer adds their loss, weighted by the decoder's `auxiliary_loss_weight`
+        self.auxiliary_logits: torch.Tensor | None = None
 
         if m.freeze_backbone:
             self.backbone.requires_grad_(False)
@@ -151,6 +154,9 @@ class ViTSegModel(nn.Module):
         features = self.backbone.features(x, self.layers, self.intermediate_norm)
         logits = self.decoder(self.neck(features))
         logits = self.upsampler(logits, x.shape[-2:])
+        aux = getattr(self.decoder, "auxiliary_logits", None)
+        self.auxiliary_logits = None if aux is None else F.interpolate(
+            aux, size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
         return logits[..., :h, :w]
 
     # ------------------------------------------------------------ weights

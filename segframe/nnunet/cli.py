@@ -1,0 +1,251 @@
+"""`segframe train`, `segframe predict` and `segframe trainer-path`: nnU-Net v2 with a segframe model.
+
+`train` writes the segframe plans variant (the YAML inside nnU-Net's plans) and runs nnU-Net's
+own training with nnUNetTrainerSegframe; `predict` rebuilds the model from a results folder
+alone and runs nnU-Net's predictor. nnunetv2 is imported only when a command runs.
+`nnUNetv2_train_vit` is `segframe train` under the older fork's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from segframe.errors import SegframeError
+from segframe.nnunet import EXT_TRAINER_DIR, TRAINER_NAME
+
+
+def use_ext_trainer() -> None:
+    """Put segframe's trainer folder on nnU-Net's `nnUNet_extTrainer` path (this process and children)."""
+    paths = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    if str(EXT_TRAINER_DIR) not in paths:
+        os.environ["nnUNet_extTrainer"] = os.pathsep.join([*paths, str(EXT_TRAINER_DIR)])
+
+
+def _device(name: str):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SegframeError("-device cuda: no CUDA GPU is visible; use -device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SegframeError("-device mps: MPS is not available here; use -device cpu")
+    if name == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    return torch.device(name)
+
+
+def _check_fold(dataset_dir: Path, fold: str) -> int | str:
+    import json
+
+    if fold == "all":
+        return fold
+    splits = dataset_dir / "splits_final.json"
+    count = len(json.loads(splits.read_text())) if splits.is_file() else 5
+    if not fold.isdigit() or int(fold) >= count:
+        where = f"{splits} has {count} folds" if splits.is_file() else "nnU-Net makes 5 folds"
+        raise SegframeError(f"fold {fold!r} does not exist: {where}; use 0..{count - 1} or 'all'")
+    return int(fold)
+
+
+def _segframe_plans(args: argparse.Namespace, dataset_dir: Path) -> str:
+    """Write the plans from --config, or find the existing ones for --c / --val."""
+    from segframe.config import load_config
+    from segframe.nnunet.plans import config_tag, find_segframe_plans, plans_name, write_plans
+
+    if args.config:
+        cfg = load_config(args.config)
+        tag = config_tag(args.name or Path(args.config).stem)
+        name, notes = write_plans(dataset_dir, args.p, args.configuration, cfg, tag)
+        for note in notes:
+            print(f"segframe: {note}", flush=True)
+        print(f"segframe: config {args.config} stored in plans {name!r} ({dataset_dir / name}.json)",
+              flush=True)
+        return name
+    if not (args.c or args.val):
+        raise SegframeError(
+            "--config FILE.yaml is needed to start a training (--c and --val reuse the stored one)")
+    if args.name:
+        name = plans_name(args.p, config_tag(args.name))
+        if not (dataset_dir / f"{name}.json").is_file():
+            raise SegframeError(
+                f"no segframe plans {name!r} in {dataset_dir}; start that training with --config")
+        return name
+    found = find_segframe_plans(dataset_dir, args.p)
+    if len(found) != 1:
+        listing = ", ".join(found) or "none"
+        raise SegframeError(
+            f"cannot tell which training to continue: segframe plans in {dataset_dir}: {listing}; "
+            "pass --config FILE (or --name NAME) of the run"
+        )
+    return found[0]
+
+
+def _train(args: argparse.Namespace) -> int:
+    from segframe.nnunet.plans import dataset_folder, nnunet_folder, read_json, resolved_configuration
+
+    if args.c and args.val:
+        raise SegframeError("--c and --val exclude each other: --c continues training, --val only validates")
+    dataset_dir = dataset_folder(args.dataset)
+    base = read_json(dataset_dir / f"{args.p}.json", f"nnU-Net plans {args.p!r} (-p)")
+    resolved_configuration(base, args.configuration)
+    fold = _check_fold(dataset_dir, args.fold)
+    name = _segframe_plans(args, dataset_dir)
+    run_name = f"{TRAINER_NAME}__{name}__{args.configuration}"
+    output = nnunet_folder("nnUNet_results") / dataset_dir.name / run_name
+    fold_dir = output / f"fold_{fold}"
+    existing = sorted(p.name for p in fold_dir.glob("checkpoint_*.pth"))
+    if args.val and not (fold_dir / "checkpoint_final.pth").is_file():
+        raise SegframeError(
+            f"--val needs a finished training: {fold_dir / 'checkpoint_final.pth'} does not exist")
+    if existing and not (args.c or args.val or args.overwrite):
+        raise SegframeError(
+            f"{fold_dir} already holds {', '.join(existing)}: pass --c to continue, --val to validate, or "
+            "--overwrite to train again from scratch (its checkpoints are then replaced)"
+        )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.num_gpus > 1 and args.device != "cuda":
+        raise SegframeError("--num-gpus > 1 trains with nnU-Net's DDP, which needs -device cuda")
+    use_ext_trainer()
+    print(f"segframe: training {TRAINER_NAME}, results in {output}", flush=True)
+
+    import torch.distributed as dist
+    from nnunetv2.run.run_training import run_training
+
+    if world > 1:  # launched by torchrun: one process per GPU, nnU-Net's trainer sees the process group
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        import torch
+
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+    try:
+        run_training(args.dataset, args.configuration, fold, TRAINER_NAME, name,
+                     num_gpus=1 if world > 1 else args.num_gpus, export_validation_probabilities=args.npz,
+                     continue_training=args.c, only_run_validation=args.val, device=_device(args.device))
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _folds(model_folder: Path, folds: list[str] | None, checkpoint: str) -> list[int | str]:
+    available = sorted(p.parent.name[5:] for p in model_folder.glob(f"fold_*/{checkpoint}"))
+    if folds is None:
+        if not available:
+            raise SegframeError(f"no fold of {model_folder} has {checkpoint} (did training finish? see -chk)")
+        folds = available
+    missing = [f for f in folds if f not in available]
+    if missing:
+        raise SegframeError(
+            f"fold(s) {', '.join(missing)} of {model_folder} have no {checkpoint}; available: "
+            f"{', '.join(available) or 'none'}"
+        )
+    return [f if f == "all" else int(f) for f in folds]
+
+
+def check_results_folder(model_folder: Path) -> str:
+    """The configuration a segframe results folder was trained with; clear errors for anything else."""
+    from segframe.nnunet.plans import config_from_configuration, read_json, resolved_configuration
+
+    if not model_folder.is_dir():
+        raise SegframeError(f"results folder {model_folder} does not exist")
+    plans = read_json(model_folder / "plans.json", "plans.json of the results folder (is -m an nnU-Net "
+                      "results folder, TRAINER__PLANS__CONFIGURATION?)")
+    read_json(model_folder / "dataset.json", "dataset.json of the results folder")
+    parts = model_folder.name.split("__")
+    if len(parts) != 3:
+        raise SegframeError(
+            f"{model_folder.name} is not named TRAINER__PLANS__CONFIGURATION as nnU-Net names results "
+            "folders; pass the folder that holds fold_0, plans.json and dataset.json")
+    configuration = parts[2]
+    config_from_configuration(resolved_configuration(plans, configuration), f"{model_folder}/plans.json")
+    return configuration
+
+
+def _predict(args: argparse.Namespace) -> int:
+    model_folder = Path(args.m).resolve()
+    check_results_folder(model_folder)
+    folds = _folds(model_folder, args.f, args.chk)
+    source, out = Path(args.i), Path(args.o)
+    if not source.is_dir():
+        raise SegframeError(f"input folder {source} does not exist")
+    if not any(source.iterdir()):
+        raise SegframeError(f"input folder {source} is empty: it needs images named CASE_0000.<ext>")
+    if source.resolve() == out.resolve():
+        raise SegframeError("-o must differ from -i: predictions would be written among the input images")
+    device = _device(args.device)
+    use_ext_trainer()
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(
+        tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
+        perform_everything_on_device=device.type == "cuda", device=device, verbose=False, allow_tqdm=True,
+    )
+    predictor.initialize_from_trained_model_folder(str(model_folder), folds, args.chk)
+    print(f"segframe: predicting {source} -> {out} with folds {folds} ({args.chk}) on {device}", flush=True)
+    predictor.predict_from_files(
+        str(source), str(out), save_probabilities=args.save_probabilities, overwrite=True,
+        num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps,
+    )
+    return 0
+
+
+def _trainer_path(args: argparse.Namespace) -> int:
+    print(EXT_TRAINER_DIR)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `train`, `predict` and `trainer-path` subcommands."""
+    train = subparsers.add_parser(
+        "train", help="train a segframe model inside nnU-Net v2 from a YAML config",
+        description="Store the config in a segframe plans variant and run nnU-Net's training with "
+                    f"{TRAINER_NAME}. Plan and preprocess first: nnUNetv2_plan_and_preprocess -d ID -c 2d",
+    )
+    train.add_argument("dataset", help="dataset id or DatasetXXX_Name")
+    train.add_argument("configuration", help="nnU-Net configuration, normally 2d")
+    train.add_argument("fold", help="fold 0-4 (or 'all')")
+    train.add_argument("--config", help="segframe YAML (needed to start; --c and --val reuse the stored one)")
+    train.add_argument("--name", help="plans tag of this run (default: the config file's name)")
+    train.add_argument("-p", default="nnUNetPlans", help="nnU-Net plans the segframe plans derive from")
+    train.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="default cuda")
+    train.add_argument("--c", action="store_true", help="continue from the fold's latest checkpoint")
+    train.add_argument("--val", action="store_true", help="only run the final validation")
+    train.add_argument("--npz", action="store_true", help="also save validation probabilities")
+    train.add_argument("--overwrite", action="store_true", help="train again over a fold with checkpoints")
+    train.add_argument("--num-gpus", type=int, default=1, help="GPUs for nnU-Net's DDP (default 1)")
+    train.set_defaults(func=_train)
+
+    predict = subparsers.add_parser(
+        "predict", help="predict a folder of images with a trained segframe results folder (no YAML needed)",
+        description="Rebuild the model from an nnU-Net results folder and run nnU-Net's predictor "
+                    "(sliding window, Gaussian weighting, mirroring, export).",
+    )
+    predict.add_argument("-i", required=True, help="input folder (CASE_0000.png, ...)")
+    predict.add_argument("-o", required=True, help="output folder")
+    predict.add_argument("-m", required=True, help="results folder TRAINER__PLANS__CONFIGURATION")
+    predict.add_argument("-f", nargs="+", help="folds to ensemble (default: every fold with -chk)")
+    predict.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name in each fold")
+    predict.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="default cuda")
+    predict.add_argument("--step_size", type=float, default=0.5, help="sliding-window step (of the patch)")
+    predict.add_argument("--disable_tta", action="store_true", help="no mirroring (4x faster in 2D)")
+    predict.add_argument("--save_probabilities", action="store_true", help="also write .npz probabilities")
+    predict.add_argument("-npp", type=int, default=1, help="processes for preprocessing (default 1)")
+    predict.add_argument("-nps", type=int, default=1, help="processes for export (default 1)")
+    predict.set_defaults(func=_predict)
+
+    path = subparsers.add_parser(
+        "trainer-path", help="print the folder for nnU-Net's nnUNet_extTrainer variable",
+        description="export nnUNet_extTrainer=$(segframe trainer-path) lets nnUNetv2_train and "
+                    f"nnUNetv2_predict find {TRAINER_NAME}.",
+    )
+    path.set_defaults(func=_trainer_path)
+
+
+def train_vit_main(argv: list[str] | None = None) -> int:
+    """`nnUNetv2_train_vit DATASET CONFIGURATION FOLD --config FILE`: the older fork's `segframe train`."""
+    from segframe.cli import main
+
+    return main(["train", *(sys.argv[1:] if argv is None else argv)])
