@@ -223,7 +223,7 @@ def run_demo(data: str, work: str | Path, config: str | Path = DEFAULT_CONFIG, c
 
         stage("train", f"3/6 training {used_config.name} (fold 0; nnU-Net prints one block per epoch)")
         _run([sys.executable, "-m", "segframe.cli", "train", str(dataset_id), "2d", "0",
-              "--config", str(used_config), "-device", device], env)
+              "--config", str(used_config), "-device", device, "--overwrite"], env)
         done("train")
 
     stage("predict", "4/6 predicting the test images")

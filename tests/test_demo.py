@@ -22,7 +22,7 @@ def test_demo_config_is_valid():
     from segframe.config import load_config
 
     cfg = load_config(demo.DEFAULT_CONFIG)
-    assert cfg.train.patch_size == [256, 256] and cfg.model.checkpoint_path == ""
+    assert cfg.train.patch_size == [192, 192] and cfg.model.checkpoint_path == ""
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_demo_on_generated_data(tmp_path, fake_nnunet, capsys, monkeypatch):
     plan, train, predict = fake_nnunet
     assert Path(plan[0]).name == "nnUNetv2_plan_and_preprocess" and plan[1:5] == ["-d", "503", "-c", "2d"]
     assert train[1:] == ["-m", "segframe.cli", "train", "503", "2d", "0", "--config",
-                         str(tmp_path / "work" / "demo_config.yaml"), "-device", "cpu"]
+                         str(tmp_path / "work" / "demo_config.yaml"), "-device", "cpu", "--overwrite"]
     model_folder = predict[predict.index("-m", predict.index("predict")) + 1]
     assert model_folder.endswith("Trainer__Plans__2d") and "--disable_tta" in predict
     cases = summary["metrics"]["cases"]
