@@ -23,5 +23,12 @@ test: install lint
 demo: install
 	$(PY) -m segframe.demo --data "$(DATA)" --work "$(WORK)" $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)")
 
+# the tables of BENCHMARKS.md (random init, CPU unless a GPU is visible); chase_dice trains three models
+bench: install
+	$(PY) benchmarks/overhead.py --write
+	$(PY) benchmarks/finetune_modes.py --write
+	$(PY) benchmarks/chase_dice.py --data "$(DATA)" --work bench_output --write
+	$(PY) benchmarks/nnunet_step.py --work bench_output --write
+
 clean:
-	rm -rf $(WORK)
+	rm -rf $(WORK) bench_output

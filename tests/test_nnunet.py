@@ -227,4 +227,11 @@ def test_user_errors(env, learned, tmp_path):
                                 "-device", "cpu")
     assert "does not exist" in error("predict", "-i", tmp_path / "none", "-o", tmp_path / "o", "-m", folder,
                                      "-device", "cpu")
+    broken = folder / "fold_1" / "checkpoint_latest.pth"
+    broken.parent.mkdir()
+    broken.write_bytes(b"PK\x03\x04 cut short")
+    message = error("train", str(DATASET), "2d", "1", "--c", "--name", "learn", "-device", "cpu")
+    assert "cannot continue from" in message and "fold_1/checkpoint_latest.pth" in message
+    assert broken.read_bytes() == b"PK\x03\x04 cut short"
+    shutil.rmtree(broken.parent)
     assert (folder / "fold_0" / "checkpoint_final.pth").is_file()  # nothing above touched the trained run

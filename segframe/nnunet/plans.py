@@ -45,7 +45,7 @@ def plans_name(base: str, tag: str) -> str:
 
 def round_patch(size: list[int], patch: int) -> list[int]:
     """Each side to the nearest multiple of the ViT patch, at least one patch."""
-    return [max(patch, round(s / patch) * patch) for s in size]
+    return [max(patch, int(s / patch + 0.5) * patch) for s in size]  # halves round up
 
 
 def backbone_patch_size(cfg: SegframeConfig) -> int:

@@ -1,0 +1,163 @@
+"""The nnU-Net integration's pieces in isolation: plans variant, LR schedule, intensity check,
+auxiliary logits, and DDP (gloo, 2 CPU processes) with LoRA, frozen and partly used backbones."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from conftest import tiny_config
+
+from segframe.config import validate_config
+from segframe.errors import ConfigError
+from segframe.model import ViTSegModel
+from segframe.nnunet.plans import (
+    NnUNetSetupError,
+    backbone_patch_size,
+    config_from_configuration,
+    config_tag,
+    make_plans,
+    round_patch,
+)
+from segframe.nnunet.trainer import WarmupPolyLR, intensity_warning
+
+ARCH = {"network_class_name": "x", "arch_kwargs": {}, "_kw_requires_import": []}
+
+
+def base_plans() -> dict:
+    return {
+        "plans_name": "nnUNetPlans", "dataset_name": "Dataset001_X",
+        "configurations": {
+            "2d": {"patch_size": [64, 96], "batch_size": 12, "data_identifier": "nnUNetPlans_2d",
+                   "architecture": ARCH},
+            "big": {"inherits_from": "2d", "patch_size": [512, 500]},
+            "3d_fullres": {"patch_size": [32, 64, 64], "batch_size": 2, "data_identifier": "nnUNetPlans_3d",
+                           "architecture": ARCH},
+        },
+    }
+
+
+def test_round_patch_and_tags():
+    assert round_patch([64, 96], 14) == [70, 98]
+    assert round_patch([1024, 1000], 16) == [1024, 1008]
+    assert round_patch([5, 20], 14) == [14, 14]  # at least one patch
+    assert config_tag("UperNet-L.v2") == "upernet_l_v2"
+    with pytest.raises(ConfigError, match="letters or digits"):
+        config_tag("--")
+
+
+def test_backbone_patch_size_builds_nothing_real():
+    cfg = validate_config({"model": {"backbone": "dinov2", "backbone_size": "giant"}})
+    assert backbone_patch_size(cfg) == 14
+    cfg = validate_config({"model": {"backbone": "dinov3", "backbone_size": "7b"}})
+    assert backbone_patch_size(cfg) == 16
+
+
+def test_make_plans_keeps_data_and_carries_the_config():
+    cfg = validate_config({"model": {"backbone": "dinov2", "backbone_size": "tiny", "decoder": "segformer"},
+                           "train": {"batch_size": 3}})
+    base = base_plans()
+    plans, notes = make_plans(base, "2d", cfg, "nnUNetPlans_segframe_x", 14)
+    entry = plans["configurations"]["2d"]
+    assert plans["plans_name"] == "nnUNetPlans_segframe_x" and base["plans_name"] == "nnUNetPlans"
+    assert entry["data_identifier"] == "nnUNetPlans_2d"  # nnU-Net's preprocessed data is reused
+    assert entry["patch_size"] == [70, 98] and entry["batch_size"] == 3
+    assert "[64, 96] rounded to [70, 98]" in notes[0]
+    assert config_from_configuration(entry) == cfg
+    assert entry["segframe"]["plugins"]["decoder"]["distribution"] == "segframe-segformer"
+    assert "segframe" not in base["configurations"]["2d"]  # the base plans are not touched
+
+    override = cfg.model_copy(update={"train": cfg.train.model_copy(update={"patch_size": [100, 30]})})
+    plans, notes = make_plans(base, "big", override, "p", 16)
+    assert plans["configurations"]["big"]["patch_size"] == [96, 32]
+    assert notes[0].startswith("train.patch_size [100, 30] rounded")
+    with pytest.raises(NnUNetSetupError, match="3D; segframe trains 2D"):
+        make_plans(base, "3d_fullres", cfg, "p", 14)
+    with pytest.raises(NnUNetSetupError, match="no configuration '2D'; known: 2d, big, 3d_fullres"):
+        make_plans(base, "2D", cfg, "p", 14)
+    with pytest.raises(NnUNetSetupError, match="no segframe config"):
+        config_from_configuration(base["configurations"]["2d"])
+
+
+def test_warmup_poly_schedule_by_hand():
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [a], "lr_scale": 1.0}, {"params": [b], "lr_scale": 0.25}], lr=1.0)
+    sched = WarmupPolyLR(opt, 0.01, max_epochs=10, warmup_epochs=2)
+    expected = {0: 0.01 / 3, 1: 0.02 / 3, 2: 0.01, 6: 0.01 * 0.5 ** 0.9, 9: 0.01 * 0.125 ** 0.9}
+    for epoch, lr in expected.items():
+        sched.step(epoch)
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr)
+        assert opt.param_groups[1]["lr"] == pytest.approx(lr / 4)
+    assert WarmupPolyLR(opt, 0.01, max_epochs=1, warmup_epochs=5).factor(0) == 1.0  # one epoch: no warmup
+
+
+def test_intensity_warning():
+    rgb = ["RGBTo01Normalization"] * 3
+    assert intensity_warning(rgb, "backbone") is None
+    assert intensity_warning(["ZScoreNormalization"], "none") is None
+    assert "model.normalize: none" in intensity_warning(["ZScoreNormalization"] * 3, "backbone")
+    assert "model.normalize: backbone" in intensity_warning(rgb, "none")
+
+
+def test_auxiliary_logits_match_the_output_size():
+    cfg = tiny_config(decoder={"name": "upernet", "hidden_size": 16, "auxiliary_head": True}, neck="pyramid")
+    model = ViTSegModel(cfg, in_channels=3, num_classes=3).train()
+    out = model(torch.rand(2, 3, 30, 45))
+    assert model.auxiliary_logits.shape == out.shape == (2, 3, 30, 45)
+    model.eval()
+    model(torch.rand(1, 3, 30, 45))
+    assert model.auxiliary_logits is None
+
+
+DDP_CASES = {
+    "lora_frozen_dinov3": ({**tiny_config("dinov3", freeze_backbone=True),
+                            "lora": {"enabled": True, "r": 4}}),
+    "early_layers_aux_head": tiny_config(
+        "dinov2", layers=[0, 1, 2], decoder={"name": "upernet", "hidden_size": 16, "auxiliary_head": True}),
+    "segformer_visionfm": tiny_config("visionfm", decoder="segformer"),
+}
+
+
+def _ddp_worker(rank: int, world: int, port: int, case: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = ViTSegModel(DDP_CASES[case], in_channels=3, num_classes=2)
+    with torch.no_grad():  # live LoRA: non-zero B
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    # as nnU-Net wraps it: no find_unused_parameters, so an unused trainable parameter is an error
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    torch.manual_seed(1 + rank)  # each rank sees other data
+    for _ in range(3):
+        x, y = torch.rand(2, 3, 32, 32), torch.randint(0, 2, (2, 32, 32))
+        loss = F.cross_entropy(ddp(x), y)
+        if model.auxiliary_logits is not None:
+            loss = loss + 0.4 * F.cross_entropy(model.auxiliary_logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save(trainable, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", list(DDP_CASES))
+def test_ddp_two_cpu_processes(case, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, case, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    initial = dict(ViTSegModel(DDP_CASES[case], in_channels=3, num_classes=2).named_parameters())
+    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
+    for name, value in ranks[0].items():
+        torch.testing.assert_close(value, ranks[1][name], msg=f"{name} differs between ranks")
+    moved = [n for n, v in ranks[0].items() if "lora_B" not in n and not torch.equal(v, initial[n].detach())]
+    assert len(moved) == len([n for n in ranks[0] if "lora_B" not in n])  # every trainable parameter trained
