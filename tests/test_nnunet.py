@@ -185,6 +185,14 @@ def test_continue_after_a_killed_run_then_validate(env, tmp_path):
     segframe(env, "train", DATASET, "2d", "0", "--val", "--name", "resume", "-device", "cpu")
     assert summary.is_file()
 
+    # nnU-Net's own training command on the plans segframe wrote: another fold, no YAML anywhere
+    stock_env = dict(env, nnUNet_extTrainer=segframe(env, "trainer-path").stdout.strip())
+    run(stock_env, BIN / "nnUNetv2_train", DATASET, "2d", "1", "-tr", TRAINER,
+        "-p", "nnUNetPlans_segframe_resume", "-device", "cpu")
+    other = torch.load(fold.parent / "fold_1" / "checkpoint_final.pth", weights_only=False,
+                       map_location="cpu")
+    assert other["network_weights"].keys() == final["network_weights"].keys()
+
 
 def test_user_errors(env, learned, tmp_path):
     def error(*args: str) -> str:
