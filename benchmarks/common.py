@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -91,6 +92,17 @@ def peak_bytes(step, device: torch.device) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
     return sum(storages.values())
+
+
+def timed(step, device: torch.device) -> float:
+    """Seconds of one call of `step()`, waiting for the GPU on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def memory_label(device: torch.device) -> str:

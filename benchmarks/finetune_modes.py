@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from segframe.config import validate_config
 from segframe.model import ViTSegModel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, memory_label, peak_bytes, publish  # noqa: E402
+from common import machine, memory_label, peak_bytes, publish, timed  # noqa: E402
 
 MODES = {
     "full fine-tuning": {"model": {}, "lora": {"enabled": False}},
@@ -85,13 +84,7 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, (_, step, _, _) in runs.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(timed(step, device))
         full = statistics.median(times["full fine-tuning"])
         for name, (model, _, trainable, memory) in runs.items():
             total = sum(p.numel() for p in model.parameters())

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from segframe.config import validate_config
 from segframe.model import ViTSegModel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, memory_label, peak_bytes, publish  # noqa: E402
+from common import machine, memory_label, peak_bytes, publish, timed  # noqa: E402
 
 # DINOv2 sizes as transformers' Dinov2Config: hidden, layers, heads
 HF_SIZES = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
@@ -84,16 +83,6 @@ def step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> None:
     F.cross_entropy(model(x), target).backward()
 
 
-def timed(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    step(model, x, target)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small", choices=list(HF_SIZES))
@@ -131,7 +120,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, m in variants.items():
-            times[name].append(timed(m, x, target))
+            times[name].append(timed(lambda m=m: step(m, x, target), device))
 
     median = {name: statistics.median(t) for name, t in times.items()}
     ref, hf = median["same backbone + head by hand"], median["transformers UperNet + Dinov2Backbone"]

@@ -20,7 +20,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 from torch._dynamo import OptimizedModule
-from torch.optim.lr_scheduler import _LRScheduler
+from torch.optim.lr_scheduler import LRScheduler
 
 from segframe.errors import CheckpointError
 from segframe.lora import format_counts
@@ -49,7 +49,7 @@ def intensity_warning(normalization_schemes: list[str], normalize: str) -> str |
     return None
 
 
-class WarmupPolyLR(_LRScheduler):
+class WarmupPolyLR(LRScheduler):
     """Per-epoch LR: linear warmup over `warmup_epochs`, then poly decay (exponent 0.9) towards 0.
 
     Each parameter group gets `initial_lr * factor * group["lr_scale"]`. `step(epoch)` as
