@@ -24,6 +24,7 @@ from pathlib import Path
 from segframe.config import dump_config, load_config
 from segframe.demo import _run, _tool, convert, nnunet_env
 from segframe.evaluate import evaluate_folders
+from segframe.nnunet.plans import plans_name, results_folder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, machine, publish  # noqa: E402
@@ -182,7 +183,8 @@ def main() -> None:
                 ],
                 env,
             )
-            folder = results / f"nnUNetTrainerSegframe__nnUNetPlans_segframe_bench_{key}__2d"
+            name = plans_name("nnUNetPlans", f"bench_{key}")
+            folder = results_folder(results.parent, dataset.name, name, "2d")
             predict_s = timed(
                 [
                     *cli,

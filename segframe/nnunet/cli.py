@@ -83,7 +83,13 @@ def _segframe_plans(args: argparse.Namespace, dataset_dir: Path) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from segframe.nnunet.plans import dataset_folder, nnunet_folder, read_json, resolved_configuration
+    from segframe.nnunet.plans import (
+        dataset_folder,
+        nnunet_folder,
+        read_json,
+        resolved_configuration,
+        results_folder,
+    )
 
     if args.c and args.val:
         raise SegframeError("--c and --val exclude each other: --c continues training, --val only validates")
@@ -92,8 +98,7 @@ def _train(args: argparse.Namespace) -> int:
     resolved_configuration(base, args.configuration)
     fold = _check_fold(dataset_dir, args.fold)
     name = _segframe_plans(args, dataset_dir)
-    run_name = f"{TRAINER_NAME}__{name}__{args.configuration}"
-    output = nnunet_folder("nnUNet_results") / dataset_dir.name / run_name
+    output = results_folder(nnunet_folder("nnUNet_results"), dataset_dir.name, name, args.configuration)
     fold_dir = output / f"fold_{fold}"
     existing = sorted(p.name for p in fold_dir.glob("checkpoint_*.pth"))
     if args.val and not (fold_dir / "checkpoint_final.pth").is_file():

@@ -13,12 +13,12 @@ import copy
 import json
 import os
 import re
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import segframe
 from segframe.config import SegframeConfig, validate_config
 from segframe.errors import ConfigError, PluginError, SegframeError
 from segframe.nnunet import TRAINER_NAME
@@ -63,13 +63,6 @@ def _distribution(kind: str, name: str) -> dict[str, str]:
 
     reg = get_registry().get(kind, name)
     return {"name": name, "distribution": reg.distribution, "version": reg.version}
-
-
-def _segframe_version() -> str:
-    try:
-        return version("segframe")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def nnunet_folder(var: str) -> Path:
@@ -158,9 +151,14 @@ def make_plans(
             "backbone": _distribution("backbone", cfg.model.backbone.name),
             "decoder": _distribution("decoder", cfg.model.decoder.name),
         },
-        "segframe_version": _segframe_version(),
+        "segframe_version": segframe.__version__,
     }
     return plans, notes
+
+
+def results_folder(results: Path, dataset: str, name: str, configuration: str) -> Path:
+    """`<results>/<dataset>/nnUNetTrainerSegframe__<plans>__<configuration>`, as nnU-Net names it."""
+    return results / dataset / f"{TRAINER_NAME}__{name}__{configuration}"
 
 
 def trained_checkpoints(dataset: str, name: str, configuration: str) -> list[Path]:
@@ -168,8 +166,7 @@ def trained_checkpoints(dataset: str, name: str, configuration: str) -> list[Pat
     results = os.environ.get("nnUNet_results")
     if not results:
         return []
-    folder = Path(results) / dataset / f"{TRAINER_NAME}__{name}__{configuration}"
-    return sorted(folder.glob("fold_*/checkpoint_*.pth"))
+    return sorted(results_folder(Path(results), dataset, name, configuration).glob("fold_*/checkpoint_*.pth"))
 
 
 def _structure(section: dict[str, Any]) -> dict[str, Any]:
