@@ -6,10 +6,13 @@ WORK ?= demo_output
 
 .PHONY: install test lint demo bench clean
 
-$(VENV)/.installed: pyproject.toml plugins/upernet/pyproject.toml plugins/segformer/pyproject.toml
+# every decoder under plugins/ is its own distribution, installed with its test extra (if it has one)
+PLUGINS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
+
+$(VENV)/.installed: pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -e ".[test]" -e plugins/upernet -e plugins/segformer
+	$(PY) -m pip install -e ".[test]" $(foreach p,$(PLUGINS),-e "$(p)[test]")
 	touch $@
 
 install: $(VENV)/.installed

@@ -60,8 +60,10 @@ class ModelConfig(_Strict):
     neck: Literal["identity", "pyramid"] = Field(
         "identity", description="identity: all levels at the patch stride; pyramid: strides p/4, p/2, p, 2p"
     )
-    upsampler: Literal["progressive", "bilinear"] = Field(
-        "progressive", description="how logits return to full resolution"
+    upsampler: Literal["progressive", "bilinear"] | None = Field(
+        None,
+        description="how logits return to full resolution; null = progressive, or bilinear for a head "
+        "that owns its training loss (its eval logits are never trained through learned stages)",
     )
     normalize: Literal["backbone", "none"] = Field(
         "backbone",

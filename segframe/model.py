@@ -19,7 +19,7 @@ from segframe.backbones.checkpoint import LoadReport
 from segframe.config import SegframeConfig, validate_config
 from segframe.errors import ConfigError, PluginError, SegframeError
 from segframe.lora import add_lora, format_counts, has_lora, merge_lora, parameter_counts
-from segframe.plugins import get_registry
+from segframe.plugins import DecoderInputs, HeadContext, get_registry
 from segframe.upsample import build_neck, build_upsampler
 
 log = logging.getLogger(__name__)
@@ -75,16 +75,36 @@ class ViTSegModel(nn.Module):
 
         self.neck = build_neck(m.neck, self.backbone.embed_dim, self.patch_size, len(self.layers))
         dec = registry.decoder(m.decoder.name)
-        self.decoder = dec.spec.build(
-            config.decoder_params(), list(self.neck.out_channels), list(self.neck.out_strides), num_classes
-        )
+        self.decoder_contract = dec.spec.contract
+        build_args = [config.decoder_params(), list(self.neck.out_channels), list(self.neck.out_strides),
+                      num_classes]
+        if self.decoder_contract == 2:
+            build_args.append(HeadContext(
+                backbone=m.backbone.name, patch_size=self.patch_size, embed_dim=self.backbone.embed_dim,
+                num_levels=len(self.layers), has_cls_token=self.backbone.has_cls_token,
+                num_register_tokens=self.backbone.num_register_tokens, image_channels=backbone_chans,
+                neck=m.neck,
+            ))
+        self.decoder = dec.spec.build(*build_args)
+        where = f"decoder {m.decoder.name!r} ({dec.distribution})"
         stride = getattr(self.decoder, "output_stride", None)
         if not isinstance(stride, int | float) or stride <= 0:
             raise PluginError(
-                f"decoder {m.decoder.name!r} ({dec.distribution}) built a head without a positive "
-                f"`output_stride` attribute (got {stride!r}); the plugin must set it"
+                f"{where} built a head without a positive `output_stride` attribute (got {stride!r}); "
+                "the plugin must set it"
             )
-        self.upsampler = build_upsampler(m.upsampler, num_classes, stride)
+        self.decoder_inputs = self._decoder_inputs(dec.spec.inputs, where)
+        # a head that owns its loss returns raw training outputs; ViTSegModel.training_loss scores them
+        self.owns_loss = callable(getattr(self.decoder, "training_loss", None))
+        if self.owns_loss and self.decoder_contract != 2:
+            raise PluginError(f"{where} has a training_loss but declares contract 1; set contract=2")
+        upsampler = m.upsampler or ("bilinear" if self.owns_loss else "progressive")
+        if self.owns_loss and upsampler != "bilinear":
+            raise ConfigError(
+                f"model.upsampler: {upsampler} cannot apply to {where}: it owns its training loss, so "
+                "learned upsampling stages would never train; remove model.upsampler (or set bilinear)"
+            )
+        self.upsampler = build_upsampler(upsampler, num_classes, stride)
         # the decoder's auxiliary logits of the last training forward, at the input size (or None);
         # a trainer adds their loss, weighted by the decoder's `auxiliary_loss_weight`
         self.auxiliary_logits: torch.Tensor | None = None
@@ -96,6 +116,23 @@ class ViTSegModel(nn.Module):
         self._freeze_unused()
         if m.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
+
+    def _decoder_inputs(self, declared: frozenset[str], where: str) -> frozenset[str]:
+        """The extra inputs the built head needs (its `inputs` attribute narrows the spec's); refuse
+        any the spec did not declare or the backbone cannot give."""
+        needed = frozenset(getattr(self.decoder, "inputs", declared))
+        if not needed <= declared:
+            raise PluginError(
+                f"{where}: its head asks for {sorted(needed - declared)}, which its DecoderSpec.inputs "
+                f"{sorted(declared)} does not declare; the plugin must declare every input it reads"
+            )
+        if "prefix_tokens" in needed and not self.backbone.has_cls_token:
+            raise PluginError(
+                f"{where} needs input 'prefix_tokens' (the CLS token), but backbone "
+                f"{self.config.model.backbone.name} {self.config.model.backbone_size} has no CLS token; "
+                "choose another backbone or a decoder option that does not read it"
+            )
+        return needed
 
     def _freeze_unused(self) -> None:
         """Freeze backbone parameters the forward never uses: blocks after the last chosen layer,
@@ -147,17 +184,68 @@ class ViTSegModel(nn.Module):
             x = F.pad(x, (0, 0, 0, ph), mode="reflect" if ph < h else "replicate")
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | Any:
+        """Logits (B, num_classes, H, W); in training mode a head that owns its loss returns its raw
+        training outputs instead (score them with `training_loss`)."""
         self._check_input(x)
         h, w = x.shape[-2:]
         x = self.pad(self._normalize(x))
-        features = self.backbone.features(x, self.layers, self.intermediate_norm)
-        logits = self.decoder(self.neck(features))
-        logits = self.upsampler(logits, x.shape[-2:])
+        head_out = self.decoder(self._head_inputs(x))
+        if self.owns_loss and self.training:
+            return head_out
+        logits = self.upsampler(head_out, x.shape[-2:])
         aux = getattr(self.decoder, "auxiliary_logits", None)
         self.auxiliary_logits = None if aux is None else F.interpolate(
             aux, size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
         return logits[..., :h, :w]
+
+    def _head_inputs(self, x: torch.Tensor) -> list[torch.Tensor] | DecoderInputs:
+        """What the head reads: the neck's maps (contract 1), or a DecoderInputs with exactly the
+        inputs the head asked for (contract 2)."""
+        prefix = "prefix_tokens" in self.decoder_inputs
+        out = self.backbone.features(x, self.layers, self.intermediate_norm, prefix_tokens=prefix)
+        features, tokens = out if prefix else (out, None)
+        features = self.neck(features)
+        if self.decoder_contract == 1:
+            return features
+        return DecoderInputs(
+            features=features,
+            cls_tokens=None if tokens is None else [t[:, 0] for t in tokens],
+            register_tokens=None if tokens is None else [t[:, 1:] for t in tokens],
+            image=x if "image" in self.decoder_inputs else None,
+        )
+
+    def training_loss(
+        self, outputs: Any, target: torch.Tensor, ignore_label: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of a head that owns it, on a training-mode forward's `outputs`.
+
+        `target` is nnU-Net's dense target (B, 1, H, W) of class indices at the input size, with
+        `ignore_label` (nnU-Net's, or None) on pixels to ignore. Labels outside 0..num_classes-1
+        are an error. The target is padded like the image; padding and ignored pixels reach the
+        head as `ignore_index` (the ignore label, else num_classes). Returns (loss, named parts).
+        """
+        if not self.owns_loss:
+            raise SegframeError("this model's decoder has no training_loss: use nnU-Net's loss on the logits")
+        k = self.num_classes
+        valid = (target >= 0) & (target < k)
+        if ignore_label is not None:
+            valid |= target == ignore_label
+        if not bool(valid.all()):
+            bad = sorted({int(v) for v in torch.unique(target[~valid]).tolist()})[:10]
+            raise SegframeError(
+                f"the target holds label(s) {bad} outside 0..{k - 1} (num_classes {k})"
+                + ("" if ignore_label is None else f" and the ignore label {ignore_label}")
+                + ": check the dataset's labels in dataset.json"
+            )
+        ignore_index = k if ignore_label is None else int(ignore_label)
+        target = target.long()
+        ph, pw = -target.shape[-2] % self.patch_size, -target.shape[-1] % self.patch_size
+        if ph or pw:
+            target = F.pad(target, (0, pw, 0, ph), value=ignore_index)
+        result = self.decoder.training_loss(outputs, target, ignore_index)
+        loss, parts = result if isinstance(result, tuple) else (result, {})
+        return loss, dict(parts)
 
     # ------------------------------------------------------------ weights
 

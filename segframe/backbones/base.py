@@ -110,7 +110,8 @@ class Backbone(nn.Module):
     Attributes the model relies on: `embed_dim`, `patch_size`, `num_layers`, `mean`, `std`
     (pretraining input statistics for 3 channels in [0, 1]), `default_layers`,
     `intermediate_norm` (family default for applying the final norm to intermediate
-    features), `in_chans` and `vit` (the timm module, for peft and gradient checkpointing).
+    features), `in_chans`, `vit` (the timm module, for peft and gradient checkpointing), and
+    `num_prefix_tokens` / `has_cls_token` / `num_register_tokens` (the tokens before the patches).
     `checkpoint_format` describes the family's official files (see `load_checkpoint`).
     """
 
@@ -140,6 +141,10 @@ class Backbone(nn.Module):
         self.intermediate_norm = intermediate_norm
         self.default_layers = layers or default_layers(self.num_layers)
         self.checkpoint_format = checkpoint_format
+        # timm puts the prefix tokens first: the CLS token (if any), then registers / storage tokens
+        self.num_prefix_tokens = int(getattr(vit, "num_prefix_tokens", 0))
+        self.has_cls_token = getattr(vit, "cls_token", None) is not None
+        self.num_register_tokens = self.num_prefix_tokens - int(self.has_cls_token)
 
     def check_layers(self, layers: list[int]) -> list[int]:
         bad = [i for i in layers if not 0 <= i < self.num_layers]
@@ -151,9 +156,15 @@ class Backbone(nn.Module):
         return list(layers)
 
     def features(
-        self, x: torch.Tensor, layers: list[int] | None = None, norm: bool | None = None
-    ) -> list[torch.Tensor]:
-        """Outputs of blocks `layers` as (B, embed_dim, H/p, W/p); H and W must be multiples of p."""
+        self, x: torch.Tensor, layers: list[int] | None = None, norm: bool | None = None,
+        prefix_tokens: bool = False,
+    ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Outputs of blocks `layers` as (B, embed_dim, H/p, W/p); H and W must be multiples of p.
+
+        With `prefix_tokens`, returns (features, prefix) where prefix[i] is (B, num_prefix_tokens, D):
+        the CLS token first (when `has_cls_token`), then the register / storage tokens, normed like
+        the patch tokens.
+        """
         h, w = x.shape[-2:]
         p = self.patch_size
         if h % p or w % p:
@@ -163,9 +174,15 @@ class Backbone(nn.Module):
             )
         layers = self.check_layers(self.default_layers if layers is None else layers)
         norm = self.intermediate_norm if norm is None else norm
-        return self.vit.forward_intermediates(
-            x, indices=layers, norm=norm, output_fmt="NCHW", intermediates_only=True
+        if prefix_tokens and not self.num_prefix_tokens:
+            raise SegframeError(f"backbone {self.family} {self.size} has no prefix tokens (no CLS token)")
+        out = self.vit.forward_intermediates(
+            x, indices=layers, norm=norm, output_fmt="NCHW", intermediates_only=True,
+            return_prefix_tokens=prefix_tokens,
         )
+        if not prefix_tokens:
+            return out
+        return [f for f, _ in out], [t for _, t in out]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vit.set_grad_checkpointing(enable)
