@@ -1,0 +1,240 @@
+"""nnU-Net checkpoints that cannot run code and survive a kill: weights-only loading with a measured
+allowlist, atomic saving, a readable fallback for `--c`, a weights-vs-plans check, and the predictor
+initialisation `segframe predict` uses instead of nnU-Net's unpickling one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from segframe.errors import CheckpointError
+from segframe.nnunet import TRAINER_NAME
+
+# The smallest allowlist real nnUNetTrainerSegframe checkpoints need beyond torch's own safe types
+# (measured with torch.serialization.get_unsafe_globals_in_checkpoint on checkpoints our trainer wrote):
+# nnU-Net's logger (losses, pseudo Dice, EMA) and `_best_ema` hold numpy float32 scalars, which pickle as
+# `numpy._core.multiarray.scalar(numpy.dtype("f4"), bytes)`, and the dtype object is a
+# `numpy.dtypes.Float32DType`. `numpy.core.multiarray.scalar` is the same function under numpy 1.x's
+# name, so a results folder written with numpy 1 loads too. Everything else in them (dicts, lists,
+# tuples, str, int, float, None, tensors, OrderedDict, torch.device) is torch's own weights-only set.
+ALLOWED_GLOBALS: list[Any] = [
+    np._core.multiarray.scalar,
+    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+    np.dtype,
+    np.dtypes.Float32DType,
+]
+NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")  # nnU-Net's --c order
+REQUIRED_KEYS = ("network_weights", "trainer_name", "init_args")
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """The file is truncated, empty or not a torch checkpoint at all (a fallback may be tried)."""
+
+
+def _refused_types(path: Path, message: str) -> str:
+    """What a weights-only load refused: the globals in the pickle beyond the allowlist, or the type
+    torch's message names; empty when the file is simply not a pickle."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - only used to name what was refused
+        found = []
+    allowed = {"numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar", "numpy.dtype"}
+    names = [name for name in found if name not in allowed]
+    if not names:
+        names = re.findall(r"GLOBAL (\S+)|got <class '([^']+)'>", message)
+        names = [a or b for a, b in names]
+    return ", ".join(dict.fromkeys(names))
+
+
+def load_checkpoint_file(path: str | os.PathLike, trust: bool = False,
+                         map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """An nnU-Net checkpoint dict, loaded weights-only (or fully unpickled with `trust`).
+
+    Raises UnreadableCheckpoint for truncated or foreign files and CheckpointError for pickles that
+    need more than tensors, containers and numpy scalars; the file is never changed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableCheckpoint(f"checkpoint {path} does not exist")
+    try:
+        if trust:
+            checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        else:
+            with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+                checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = "" if trust else _refused_types(path, str(exc))
+        if found:
+            raise CheckpointError(
+                f"refusing to load {path}: it holds {found}, which a weights-only load does not allow (a "
+                f"checkpoint written by {TRAINER_NAME} holds only tensors, containers and numpy scalars) "
+                "and unpickling it could run code. If you trust this file and where it came from, pass "
+                "--trust-checkpoint"
+            ) from None
+        raise UnreadableCheckpoint(f"checkpoint {path} is unreadable: {_short(exc)}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError,
+            ImportError, IndexError, KeyError, TypeError) as exc:
+        raise UnreadableCheckpoint(f"checkpoint {path} is unreadable (truncated or not a checkpoint): "
+                                   f"{_short(exc)}") from None
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in REQUIRED_KEYS):
+        raise UnreadableCheckpoint(
+            f"checkpoint {path} is not an nnU-Net training checkpoint (no "
+            f"{', '.join(REQUIRED_KEYS)}); pass a checkpoint_*.pth that nnU-Net wrote")
+    return checkpoint
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, flush + fsync, then os.replace: a kill at
+    any moment leaves either the previous file or the complete new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_trainer(checkpoint: dict[str, Any], path: Path) -> None:
+    name = checkpoint.get("trainer_name")
+    if name != TRAINER_NAME:
+        raise CheckpointError(
+            f"{path} was trained by {name!r}, not {TRAINER_NAME}: segframe only loads its own results; use "
+            "nnU-Net's own commands for other trainers")
+
+
+def check_weights_fit(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                      path: Path) -> None:
+    """CheckpointError naming the keys and shapes that differ between a checkpoint and the plans' model."""
+    weights = {k[7:] if k.startswith("module.") and k not in expected else k: v for k, v in weights.items()}
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape (file vs plans)", shapes)):
+        if items:
+            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+            parts.append(f"{label}: {', '.join(items[:3])}{more}")
+    raise CheckpointError(
+        f"the weights in {path} do not fit the model in the results folder's plans ({'; '.join(parts)}): "
+        "the checkpoint comes from another model or plans; use the plans.json it was trained with")
+
+
+def readable_checkpoint(fold_dir: Path, first: str, trust: bool = False,
+                        fallback: bool = True) -> tuple[Path, dict[str, Any], str | None]:
+    """The checkpoint to continue from: `first`, or (if unreadable and `fallback`) the newest readable
+    one beside it. Returns (path, checkpoint, note saying what was skipped, or None)."""
+    path = fold_dir / first
+    try:
+        return path, load_checkpoint_file(path, trust), None
+    except UnreadableCheckpoint as exc:
+        if not fallback:
+            raise
+        problem = str(exc)
+    others = [fold_dir / n for n in NAMES if n != first and (fold_dir / n).is_file()]
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    skipped = [problem]
+    for other in others:
+        try:
+            checkpoint = load_checkpoint_file(other, trust)
+        except UnreadableCheckpoint as exc:
+            skipped.append(str(exc))
+            continue
+        return other, checkpoint, f"{problem}; continuing from {other.name} (the newest readable one) instead"
+    raise CheckpointError("; ".join(skipped) + f"; no readable checkpoint left in {fold_dir} (the files are "
+                          "left as they are): train again with --overwrite")
+
+
+def nonfinite_tensors(weights: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding NaN or inf."""
+    return [k for k, v in weights.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def initialize_predictor(predictor: Any, model_folder: str | os.PathLike, folds: list[int | str] | None,
+                         checkpoint_name: str = "checkpoint_final.pth", trust: bool = False) -> None:
+    """nnUNetPredictor.initialize_from_trained_model_folder, with each fold loaded weights-only, the
+    trainer and the weights checked against the plans, and one-line CheckpointErrors."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from segframe.nnunet.plans import read_json
+    from segframe.nnunet.trainer import nnUNetTrainerSegframe
+
+    folder = Path(model_folder)
+    dataset_json = read_json(folder / "dataset.json", "dataset.json of the results folder")
+    plans = read_json(folder / "plans.json", "plans.json of the results folder")
+    if folds is None:
+        folds = nnUNetPredictor.auto_detect_available_folds(str(folder), checkpoint_name)
+        if not folds:
+            raise CheckpointError(f"no fold of {folder} has {checkpoint_name}")
+    if isinstance(folds, (str, int)):
+        folds = [folds]
+    plans_manager = PlansManager(plans)
+    parameters, first = [], None
+    for fold in folds:
+        fold = fold if fold == "all" else int(fold)
+        path = folder / f"fold_{fold}" / checkpoint_name
+        checkpoint = load_checkpoint_file(path, trust)
+        check_trainer(checkpoint, path)
+        bad = nonfinite_tensors(checkpoint["network_weights"])
+        if bad:
+            raise CheckpointError(f"{path} holds NaN/inf weights ({bad[0]} and {len(bad) - 1} more): the "
+                                  "training diverged; retrain it (see train.precision, initial_lr)")
+        first = first or (path, checkpoint)
+        parameters.append(checkpoint["network_weights"])
+    path, checkpoint = first
+    try:
+        configuration_manager = plans_manager.get_configuration(checkpoint["init_args"]["configuration"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} names a configuration the results folder's plans do not have: "
+                              f"{_short(exc)}") from None
+    num_input_channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+    num_output_channels = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    network = nnUNetTrainerSegframe.build_network_architecture(
+        plans_manager, configuration_manager, num_input_channels, num_output_channels,
+        enable_deep_supervision=False)
+    expected = network.state_dict()
+    for fold, weights in zip(folds, parameters, strict=True):
+        check_weights_fit(weights, expected, folder / f"fold_{fold}" / checkpoint_name)
+    network.load_state_dict(parameters[0])
+    predictor.plans_manager = plans_manager
+    predictor.configuration_manager = configuration_manager
+    predictor.list_of_parameters = parameters
+    predictor.network = network
+    predictor.dataset_json = dataset_json
+    predictor.trainer_name = checkpoint["trainer_name"]
+    predictor.allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes")
+    predictor.label_manager = plans_manager.get_label_manager(dataset_json)
+    if os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t"):
+        predictor.network = torch.compile(network)
