@@ -3,6 +3,9 @@
 Each subcommand module exposes `register(subparsers)`, which adds its parser and sets
 `func` (called with the parsed args; returns an exit code). Modules are imported only
 when needed so `segframe plugins` stays fast and works without nnU-Net set up.
+Library deprecation warnings that say nothing to a user (torch's `torch.jit.interface is
+deprecated`, raised while timm imports) are hidden unless warnings are asked for
+(`python -W ...` or PYTHONWARNINGS).
 """
 
 from __future__ import annotations
@@ -10,8 +13,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from segframe.errors import SegframeError
+
+# (category, message regex) of warnings from libraries we use that a user cannot act on
+QUIET = [(FutureWarning, r"`torch\.jit\.interface` is deprecated")]
+
+
+def quiet_library_warnings() -> None:
+    """Hide QUIET warnings, unless the user asked for warnings with -W or PYTHONWARNINGS."""
+    if sys.warnoptions:
+        return
+    for category, message in QUIET:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
 
 # subcommand -> module with register(subparsers)
 COMMANDS = {
@@ -48,6 +64,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    quiet_library_warnings()
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)

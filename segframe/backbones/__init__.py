@@ -1,10 +1,23 @@
-"""Built-in backbone families; registered through the `segframe_backbones` hook like any plugin."""
+"""Built-in backbone families; registered through the `segframe_backbones` hook like any plugin.
 
-from segframe.backbones.base import Backbone, default_layers
-from segframe.backbones.checkpoint import LoadReport, read_checkpoint
+`Backbone`, `default_layers`, `LoadReport` and `read_checkpoint` are imported on first use, so
+registering the families (and `segframe plugins`) does not import timm.
+"""
+
+from importlib import import_module
+from typing import Any
+
 from segframe.plugins import hookimpl
 
 __all__ = ["Backbone", "LoadReport", "default_layers", "read_checkpoint"]
+_LAZY = {"Backbone": "base", "default_layers": "base",
+         "LoadReport": "checkpoint", "read_checkpoint": "checkpoint"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f"segframe.backbones.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'segframe.backbones' has no attribute {name!r}")
 
 
 @hookimpl

@@ -7,15 +7,16 @@ timm's `vision_transformer.checkpoint_filter_fn` converts them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import timm
 from pydantic import BaseModel, ConfigDict, Field
-from timm.models.vision_transformer import checkpoint_filter_fn
 
-from segframe.backbones.base import Backbone, check_size, set_pos_embed_resize
 from segframe.backbones.checkpoint import CheckpointFormat
+from segframe.backbones.lazy_timm import vit_filter
 from segframe.plugins import BackboneSpec
+
+if TYPE_CHECKING:
+    from segframe.backbones.base import Backbone
 
 # size -> (timm base name, architecture overrides); "tiny" is for tests and smoke runs only.
 SIZES = {
@@ -31,7 +32,7 @@ DINO_DROP = (r"mask_token$", r"dino_head\.", r"ibot_head\.", r"head\.")
 
 FORMAT = CheckpointFormat(
     family="dinov2",
-    filter_fn=checkpoint_filter_fn,
+    filter_fn=vit_filter,
     drop=DINO_DROP,
     converter_needs=frozenset({"mask_token"}),
     files="dinov2_vit{s,b,l,g}14_pretrain.pth, dinov2_vit{s,b,l,g}14_reg4_pretrain.pth",
@@ -51,6 +52,10 @@ class DinoV2Params(BaseModel):
 
 
 def build(size: str, params: DinoV2Params, in_chans: int = 3) -> Backbone:
+    import timm
+
+    from segframe.backbones.base import Backbone, check_size, set_pos_embed_resize
+
     check_size(SIZES, size, "dinov2")
     base, arch = SIZES[size]
     name = f"{base}_reg4_dinov2" if params.registers else f"{base}_dinov2"

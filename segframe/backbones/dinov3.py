@@ -9,17 +9,18 @@ recomputes them in float32 and drops them from the file, which changes the featu
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import timm
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from timm.models.eva import checkpoint_filter_fn
 
-from segframe.backbones.base import Backbone, check_size
 from segframe.backbones.checkpoint import CheckpointFormat
+from segframe.backbones.lazy_timm import eva_filter
 from segframe.errors import ConfigError
 from segframe.plugins import BackboneSpec
+
+if TYPE_CHECKING:
+    from segframe.backbones.base import Backbone
 
 # size -> (timm name, architecture overrides). The `_qkvb` models keep the released q/v biases.
 SIZES = {
@@ -48,7 +49,7 @@ def _rope_periods(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 FORMAT = CheckpointFormat(
     family="dinov3",
-    filter_fn=checkpoint_filter_fn,
+    filter_fn=eva_filter,
     # local_cls_norm: only the L-SAT and 7B pretraining used it (local crops); bias_mask: the
     # constant mask zeroing the k bias, which timm keeps as a fixed zero k_bias.
     drop=(r"mask_token$", r"local_cls_norm\.", r"blocks\.\d+\.attn\.qkv\.bias_mask$",
@@ -76,6 +77,10 @@ class DinoV3Params(BaseModel):
 
 
 def build(size: str, params: DinoV3Params, in_chans: int = 3) -> Backbone:
+    import timm
+
+    from segframe.backbones.base import Backbone, check_size
+
     check_size(SIZES, size, "dinov3")
     if params.weights == "sat493m" and size not in SAT_SIZES:
         raise ConfigError(

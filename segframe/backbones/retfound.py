@@ -8,16 +8,17 @@ Two releases: the MAE ViT-L/16 (`variant: mae`; files `RETFound_cfp_weights.pth`
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import timm
 from pydantic import BaseModel, ConfigDict, Field
-from timm.models.vision_transformer import checkpoint_filter_fn
 
-from segframe.backbones.base import Backbone, check_size, set_pos_embed_resize
 from segframe.backbones.checkpoint import CheckpointFormat
 from segframe.backbones.dinov2 import DINO_DROP
+from segframe.backbones.lazy_timm import vit_filter
 from segframe.plugins import BackboneSpec
+
+if TYPE_CHECKING:
+    from segframe.backbones.base import Backbone
 
 TINY = {"embed_dim": 64, "depth": 4, "num_heads": 2}
 # variant -> size -> (timm name, overrides); "tiny" is for tests and smoke runs only.
@@ -31,7 +32,7 @@ FORMATS = {
     # timm would take MAE's mask_token for a DINOv2 file, so it is removed before converting.
     "mae": CheckpointFormat(
         family="retfound (mae)",
-        filter_fn=checkpoint_filter_fn,
+        filter_fn=vit_filter,
         containers=("model", "teacher", "student", "state_dict", "module"),
         drop=(r"mask_token$", r"decoder_", r"head\."),
         files="RETFound_cfp_weights.pth, RETFound_oct_weights.pth, "
@@ -39,7 +40,7 @@ FORMATS = {
     ),
     "dinov2": CheckpointFormat(
         family="retfound (dinov2)",
-        filter_fn=checkpoint_filter_fn,
+        filter_fn=vit_filter,
         drop=DINO_DROP,
         converter_needs=frozenset({"mask_token"}),
         files="RETFound_dinov2_meh.pth, RETFound_dinov2_shanghai.pth",
@@ -61,6 +62,10 @@ class RetFoundParams(BaseModel):
 
 
 def build(size: str, params: RetFoundParams, in_chans: int = 3) -> Backbone:
+    import timm
+
+    from segframe.backbones.base import Backbone, check_size, set_pos_embed_resize
+
     sizes = SIZES[params.variant]
     check_size(sizes, size, f"retfound ({params.variant})")
     name, arch = sizes[size]

@@ -9,15 +9,16 @@ head, dropped (after stripping `backbone.` it would look like a classifier).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import timm
 from pydantic import BaseModel, ConfigDict, Field
-from timm.models.vision_transformer import checkpoint_filter_fn
 
-from segframe.backbones.base import Backbone, check_size, set_pos_embed_resize
 from segframe.backbones.checkpoint import CheckpointFormat
+from segframe.backbones.lazy_timm import vit_filter
 from segframe.plugins import BackboneSpec
+
+if TYPE_CHECKING:
+    from segframe.backbones.base import Backbone
 
 SIZES = {
     "base": ("vit_base_patch16_224", {}),
@@ -39,7 +40,7 @@ STATS = {
 
 FORMAT = CheckpointFormat(
     family="visionfm",
-    filter_fn=checkpoint_filter_fn,
+    filter_fn=vit_filter,
     containers=("teacher", "student", "model", "state_dict", "module"),
     drop=(r"head\.", r"masked_embed$", r"mask_token$"),
     files="VFM_{Fundus,OCT,FFA,Ultrasound,External,SlitLamp,MRI,UBM}_weights.pth",
@@ -60,6 +61,10 @@ class VisionFMParams(BaseModel):
 
 
 def build(size: str, params: VisionFMParams, in_chans: int = 3) -> Backbone:
+    import timm
+
+    from segframe.backbones.base import Backbone, check_size, set_pos_embed_resize
+
     check_size(SIZES, size, "visionfm")
     name, arch = SIZES[size]
     vit = timm.create_model(

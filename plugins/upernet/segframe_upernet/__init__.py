@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
-from transformers import UperNetConfig
-from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNetHead
 
 from segframe import ConfigError, DecoderSpec, hookimpl
 
@@ -65,6 +63,10 @@ class UperNetDecoder(nn.Module):
         super().__init__()
         if not in_channels or len(in_channels) != len(in_strides):
             raise ConfigError(f"upernet needs one stride per feature level, got {in_channels} / {in_strides}")
+        # imported here so that listing plugins does not import transformers
+        from transformers import UperNetConfig
+        from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNetHead
+
         config = UperNetConfig(
             hidden_size=params.hidden_size,
             pool_scales=list(params.pool_scales),
