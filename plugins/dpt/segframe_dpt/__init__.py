@@ -34,10 +34,13 @@ MAX_FACTOR_LOG2 = 4  # reassemble factors 1/16 .. 16
 class DPTParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    fusion_hidden_size: PositiveInt = Field(256, description="channels of the fusion stage and the head")
-    neck_hidden_sizes: list[PositiveInt] = Field(
-        [96, 192, 384, 768], min_length=1,
-        description="channels each level is projected to before its resize, one per backbone level",
+    hidden_size: PositiveInt = Field(
+        256, description="channels of the fusion stage and the head (transformers' fusion_hidden_size)"
+    )
+    neck_hidden_sizes: list[PositiveInt] | None = Field(
+        None, min_length=1,
+        description="channels each level is projected to before its resize, one per level; null = "
+        "D/8, D/4, D/2, D for backbone width D (DPT-Base's [96, 192, 384, 768] on ViT-B)",
     )
     readout: Literal["ignore", "add", "project"] = Field(
         "project",
@@ -126,10 +129,12 @@ class DPTDecoder(nn.Module):
                 f"dpt reads same-stride ViT levels of width {context.embed_dim}, got channels {in_channels} "
                 f"at strides {in_strides}; set model.neck: identity"
             )
-        for key in ("neck_hidden_sizes", "reassemble_factors"):
-            if len(getattr(params, key)) != levels:
+        d = context.embed_dim
+        sizes = params.neck_hidden_sizes or [max(1, d >> (levels - 1 - i)) for i in range(levels)]
+        for key, value in (("neck_hidden_sizes", sizes), ("reassemble_factors", params.reassemble_factors)):
+            if len(value) != levels:
                 raise ConfigError(
-                    f"model.decoder.{key} has {len(getattr(params, key))} entries but the backbone gives "
+                    f"model.decoder.{key} has {len(value)} entries but the backbone gives "
                     f"{levels} levels (model.layers); give one entry per level"
                 )
         if params.readout != "ignore" and not context.has_cls_token:
@@ -139,9 +144,9 @@ class DPTDecoder(nn.Module):
             )
         factors = [int(f) if float(f).is_integer() else float(f) for f in params.reassemble_factors]
         config = DPTConfig(
-            hidden_size=context.embed_dim,
-            neck_hidden_sizes=list(params.neck_hidden_sizes),
-            fusion_hidden_size=params.fusion_hidden_size,
+            hidden_size=d,
+            neck_hidden_sizes=list(sizes),
+            fusion_hidden_size=params.hidden_size,
             readout_type=params.readout,
             reassemble_factors=factors,
             num_labels=num_classes,

@@ -18,7 +18,7 @@ from segframe.plugins import DecoderInputs, HeadContext, Registry
 
 D = 64
 UNUSED = "fusion_stage.layers.0.residual_layer1."
-SMALL = {"name": "dpt", "fusion_hidden_size": 16, "neck_hidden_sizes": [8, 8, 16, 16]}
+SMALL = {"name": "dpt", "hidden_size": 16, "neck_hidden_sizes": [8, 8, 16, 16]}
 
 
 def context(patch: int = 16, **kw) -> HeadContext:
@@ -56,7 +56,7 @@ def reference_model(readout: str) -> DPTForSemanticSegmentation:
 
 def head_like(reference: DPTForSemanticSegmentation, patch: int = 16) -> torch.nn.Module:
     c = reference.config
-    params = DPTParams(fusion_hidden_size=32, neck_hidden_sizes=[32] * 4, readout=c.readout_type,
+    params = DPTParams(hidden_size=32, neck_hidden_sizes=[32] * 4, readout=c.readout_type,
                        auxiliary_head=True)
     head = build(params, [D] * 4, [patch] * 4, 3, context(patch))
     head.neck.load_state_dict(neck_state(reference))
@@ -147,10 +147,10 @@ def test_odd_grid_resized_to_exact_stride(patch):
 
 
 def test_output_stride_follows_the_factors():
-    params = DPTParams(neck_hidden_sizes=[8] * 3, reassemble_factors=[2, 1, 1], fusion_hidden_size=8)
+    params = DPTParams(neck_hidden_sizes=[8] * 3, reassemble_factors=[2, 1, 1], hidden_size=8)
     head = build(params, [D] * 3, [14] * 3, 2, context(14, num_levels=3))
     assert head.scale == 16 and head.output_stride == 0.875
-    params = DPTParams(neck_hidden_sizes=[8] * 4, reassemble_factors=[4, 2, 1, 1], fusion_hidden_size=8)
+    params = DPTParams(neck_hidden_sizes=[8] * 4, reassemble_factors=[4, 2, 1, 1], hidden_size=8)
     head = build(params, [D] * 4, [16] * 4, 2, context())
     assert head.output_stride == 0.5
     out = head.eval()(split([torch.randn(1, 1 + 6, D) for _ in range(4)], 2, 3))
@@ -164,7 +164,7 @@ def test_weights_are_initialised_as_transformers_does():
     config = DPTConfig(hidden_size=D, neck_hidden_sizes=[32] * 4, fusion_hidden_size=32, num_hidden_layers=1,
                        num_attention_heads=4, intermediate_size=128, readout_type="project", num_labels=3)
     ref = DPTForSemanticSegmentation(config)
-    params = DPTParams(fusion_hidden_size=32, neck_hidden_sizes=[32] * 4, auxiliary_head=True)
+    params = DPTParams(hidden_size=32, neck_hidden_sizes=[32] * 4, auxiliary_head=True)
     head = build(params, [D] * 4, [16] * 4, 3, context())
     theirs = {f"{part}.{n}": p for part in ("neck", "head", "auxiliary_head")
               for n, p in getattr(ref, part).named_parameters()}
@@ -298,12 +298,22 @@ def test_pyramid_neck_is_refused():
     ({"reassemble_factors": [4, 2, 1, 0]}, r"model\.decoder\.reassemble_factors.*not a power of two"),
     ({"readout": "cls"}, r"model\.decoder\.readout"),
     ({"dropout": 1.0}, r"model\.decoder\.dropout"),
-    ({"fusion_hidden_size": 0}, r"model\.decoder\.fusion_hidden_size"),
-    ({"hidden_size": 8}, r"model\.decoder\.hidden_size"),
+    ({"hidden_size": 0}, r"model\.decoder\.hidden_size"),
+    ({"neck_hidden_sizes": []}, r"model\.decoder\.neck_hidden_sizes"),
+    ({"fusion_hidden_size": 8}, r"model\.decoder\.fusion_hidden_size"),  # unknown key: it is hidden_size
 ])
 def test_bad_params_are_config_errors_with_the_key(decoder, match):
     with pytest.raises(ConfigError, match=match):
         model("dinov2", {**SMALL, **decoder})
+
+
+def test_default_neck_sizes_follow_the_backbone_width():
+    head = build(DPTParams(hidden_size=8), [D] * 4, [16] * 4, 2, context())
+    sizes = [layer.projection.out_channels for layer in head.neck.reassemble_stage.layers]
+    assert sizes == [D // 8, D // 4, D // 2, D]
+    params = DPTParams(hidden_size=8, reassemble_factors=[1, 1])
+    head = build(params, [D] * 2, [16] * 2, 2, context(num_levels=2))
+    assert [layer.projection.out_channels for layer in head.neck.reassemble_stage.layers] == [D // 2, D]
 
 
 def test_one_entry_per_level():
