@@ -36,6 +36,28 @@ class PluginChoice(BaseModel):
         return dict(self.model_extra or {})
 
 
+class DetailConfig(_Strict):
+    """`model.detail`: the full-resolution detail path (segframe/detail.py, docs/detail.md)."""
+
+    enabled: bool = Field(
+        False, description="add a light conv path on the image (strides 1, 2, 4, 8) that joins the head's "
+        "logits U-Net style on the way back to full resolution (replaces model.upsampler)",
+    )
+    channels: list[int] = Field(
+        default_factory=lambda: [32, 32, 64, 64], min_length=4, max_length=4,
+        description="widths at strides 1, 2, 4, 8 (encoder and decoder)",
+    )
+    norm: Literal["instance", "group", "batch"] = Field(
+        "instance", description="normalisation in the path: instance (as nnU-Net), group or batch"
+    )
+
+    @model_validator(mode="after")
+    def _positive(self) -> DetailConfig:
+        if any(c < 1 for c in self.channels):
+            raise ValueError(f"channels must all be >= 1, got {self.channels}")
+        return self
+
+
 class ModelConfig(_Strict):
     backbone: PluginChoice = Field(
         default=PluginChoice(name="dinov2"),
@@ -72,6 +94,9 @@ class ModelConfig(_Strict):
     grad_checkpointing: bool = Field(
         False, description="recompute backbone blocks in backward to save memory"
     )
+    detail: DetailConfig = Field(
+        default_factory=DetailConfig, description="full-resolution detail path for thin structures"
+    )
 
 
 class LoraConfig(_Strict):
@@ -103,6 +128,13 @@ class TrainConfig(_Strict):
     batch_size: int | None = Field(None, ge=1, description="override nnU-Net's batch size")
     save_every: int = Field(
         50, ge=1, description="write checkpoint_latest.pth every this many epochs (for --c)"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="training arithmetic: auto = bf16 on CUDA that supports it, else fp16 with a "
+                            "grad scaler on CUDA, fp32 on CPU/MPS"
+    )
+    max_nonfinite_steps: int = Field(
+        20, ge=1, description="stop the training after this many consecutive NaN/inf steps (each is skipped)"
     )
 
 

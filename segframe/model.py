@@ -17,6 +17,7 @@ from torch import nn
 
 from segframe.backbones.checkpoint import LoadReport
 from segframe.config import SegframeConfig, validate_config
+from segframe.detail import DetailPath
 from segframe.errors import ConfigError, PluginError, SegframeError
 from segframe.lora import add_lora, format_counts, has_lora, merge_lora, parameter_counts
 from segframe.plugins import DecoderInputs, HeadContext, get_registry
@@ -36,8 +37,10 @@ class ViTSegModel(nn.Module):
 
     Submodules (and state-dict prefixes): `backbone` (a `segframe.backbones.Backbone`; its
     timm ViT is `backbone.vit`, blocks `backbone.vit.blocks.{i}.`), `neck`, `decoder` (the
-    plugin's head), `upsampler`. Pretrained backbone weights are not loaded by the constructor
-    (nnU-Net rebuilds the network for inference): call `load_pretrained()` when training starts.
+    plugin's head), and `upsampler`, or `detail` (a `segframe.detail.DetailPath`) when
+    `model.detail.enabled` (then `upsampler` is None). Pretrained backbone weights are not loaded
+    by the constructor (nnU-Net rebuilds the network for inference): call `load_pretrained()` when
+    training starts.
 
     Input channels: 1 -> repeated to 3, then the backbone's normalisation; 3 -> as is; any
     other C -> the backbone is built with C input channels (a pretrained 3-channel patch
@@ -104,7 +107,14 @@ class ViTSegModel(nn.Module):
                 f"model.upsampler: {upsampler} cannot apply to {where}: it owns its training loss, so "
                 "learned upsampling stages would never train; remove model.upsampler (or set bilinear)"
             )
-        self.upsampler = build_upsampler(upsampler, num_classes, stride)
+        self.upsampler: nn.Module | None = None
+        self.detail: DetailPath | None = None
+        if m.detail.enabled:
+            self._check_detail(where)
+            self.detail = DetailPath(backbone_chans, num_classes, m.detail.channels, m.detail.norm,
+                                     checkpointing=m.grad_checkpointing)
+        else:
+            self.upsampler = build_upsampler(upsampler, num_classes, stride)
         # the decoder's auxiliary logits of the last training forward, at the input size (or None);
         # a trainer adds their loss, weighted by the decoder's `auxiliary_loss_weight`
         self.auxiliary_logits: torch.Tensor | None = None
@@ -116,6 +126,21 @@ class ViTSegModel(nn.Module):
         self._freeze_unused()
         if m.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
+
+    def _check_detail(self, where: str) -> None:
+        """The detail path replaces the upsampler; refuse combinations where it could not train."""
+        if self.owns_loss:
+            raise ConfigError(
+                f"model.detail: enabled cannot apply to {where}: it owns its training loss, which scores "
+                "its raw outputs, so the detail path on its eval logits would never train; set "
+                "model.detail.enabled: false (or choose a decoder trained on dense logits)"
+            )
+        if self.config.model.upsampler is not None:
+            raise ConfigError(
+                f"model.upsampler: {self.config.model.upsampler} and model.detail.enabled both say how the "
+                "logits return to full resolution (the detail path replaces the upsampler); remove "
+                "model.upsampler or set model.detail.enabled: false"
+            )
 
     def _decoder_inputs(self, declared: frozenset[str], where: str) -> frozenset[str]:
         """The extra inputs the built head needs (its `inputs` attribute narrows the spec's); refuse
@@ -193,7 +218,10 @@ class ViTSegModel(nn.Module):
         head_out = self.decoder(self._head_inputs(x))
         if self.owns_loss and self.training:
             return head_out
-        logits = self.upsampler(head_out, x.shape[-2:])
+        if self.detail is not None:
+            logits = self.detail(x, head_out)
+        else:
+            logits = self.upsampler(head_out, x.shape[-2:])
         aux = getattr(self.decoder, "auxiliary_logits", None)
         self.auxiliary_logits = None if aux is None else F.interpolate(
             aux, size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
@@ -298,8 +326,11 @@ class ViTSegModel(nn.Module):
         self.config = self.config.model_copy(update={"lora": lora})
 
     def parameter_counts(self) -> dict[str, tuple[int, int]]:
-        """Part -> (trainable, total) for backbone, lora (adapters), neck, decoder, upsampler."""
+        """Part -> (trainable, total) for backbone, lora (adapters), neck, decoder, and upsampler or
+        detail (the detail path)."""
         parts = {"backbone": self.backbone, "neck": self.neck, "decoder": self.decoder}
+        if self.detail is not None:
+            return parameter_counts({**parts, "detail": self.detail})
         return parameter_counts({**parts, "upsampler": self.upsampler})
 
     def print_trainable_parameters(self, detailed: bool = False) -> dict[str, tuple[int, int]]:
@@ -325,8 +356,9 @@ class ViTSegModel(nn.Module):
         """Optimizer parameter groups of the trainable parameters.
 
         Backbone parameters get `lr * backbone_lr_scale * layer_decay ** (num_layers + 1 - layer_id)`
-        (BEiT's layer-wise decay; `layer_decay=None` = no decay); neck, head and upsampler get
-        `lr`. Biases, norm weights, LayerScale and tokens/position embeddings get no weight decay.
+        (BEiT's layer-wise decay; `layer_decay=None` = no decay); neck, head, upsampler and the
+        detail path get `lr`. Biases, norm weights, LayerScale and tokens/position embeddings get no
+        weight decay.
         Each group also has `lr_scale` (for schedulers that set `lr = base_lr * factor * lr_scale`)
         and `names`.
         """
