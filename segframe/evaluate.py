@@ -3,6 +3,10 @@
 Predictions and references are matched by file name without extension (nnU-Net writes
 `<case>.png`); a pixel is foreground when its value is nonzero. Counts are taken only
 inside the FOV mask when one is given, as retinal vessel results are usually reported.
+Thin-structure metrics (docs/data.md, "Evaluation"): clDice (centerline Dice, Shit et al., CVPR
+2021, scikit-image skeletons) and sensitivity on thin vessels (reference pixels of local width
+<= 2 px, from the distance transform of the reference). Skeletons and widths are taken from the
+whole masks; their pixels are counted inside the FOV like every other metric.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 
 from segframe.errors import SegframeError
 
-METRICS = ("dice", "iou", "sensitivity", "specificity", "accuracy")
+METRICS = ("dice", "iou", "sensitivity", "specificity", "accuracy", "cldice", "thin_sensitivity")
 IMAGE_SUFFIXES = {".png", ".gif", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg"}
 
 
@@ -64,6 +68,53 @@ def segmentation_metrics(pred: np.ndarray, ref: np.ndarray,
     return metrics_from_counts(confusion(pred, ref, fov))
 
 
+def thin_vessels(ref: np.ndarray) -> np.ndarray:
+    """Reference pixels of local width <= 2 px.
+
+    With d the Euclidean distance transform of the reference (distance from a vessel pixel to the
+    nearest background pixel; pixels outside the image count as background), a disc of diameter
+    3 px fits where d > 1.5 (there all 8 neighbours are vessel). A pixel has local width >= 3 when
+    it lies in such a disc, i.e. within the 3x3 neighbourhood of a point with d > 1.5; every other
+    vessel pixel has local width <= 2 and is thin. (This is the white top-hat of the reference
+    with a 3x3 square: 1- and 2-px vessels are thin, 3-px and wider are not.)
+    """
+    from scipy import ndimage
+
+    ref = np.asarray(ref, bool)
+    dist = ndimage.distance_transform_edt(np.pad(ref, 1))[1:-1, 1:-1]
+    thick = ndimage.binary_dilation(dist > 1.5, structure=np.ones((3, 3), bool)) & ref
+    return ref & ~thick
+
+
+def thin_metrics(pred: np.ndarray, ref: np.ndarray, fov: np.ndarray | None = None) -> dict[str, float]:
+    """clDice and thin-vessel sensitivity of one binary prediction, counted inside `fov`.
+
+    clDice = 2 Tprec Tsens / (Tprec + Tsens) with Tprec = |S(pred) & ref| / |S(pred)| and
+    Tsens = |S(ref) & pred| / |S(ref)|, S = scikit-image's `skeletonize` of the whole mask, the
+    skeleton pixels counted inside `fov`. Both skeletons empty: 1; exactly one empty: 0.
+    Thin-vessel sensitivity = the share of `thin_vessels(ref)` pixels inside `fov` that `pred`
+    covers; NaN when there is no thin reference pixel.
+    """
+    from skimage.morphology import skeletonize
+
+    pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
+    inside = np.ones(ref.shape, bool) if fov is None else np.asarray(fov, bool)
+    if pred.shape != ref.shape or inside.shape != ref.shape:
+        raise EvaluationError(f"mask shapes differ: prediction {pred.shape} vs reference {ref.shape} "
+                              f"vs FOV {inside.shape}")
+    skel_pred, skel_ref = skeletonize(pred) & inside, skeletonize(ref) & inside
+    n_pred, n_ref = int(skel_pred.sum()), int(skel_ref.sum())
+    if n_pred == 0 or n_ref == 0:
+        cldice = 1.0 if n_pred == n_ref else 0.0
+    else:
+        tprec = np.count_nonzero(skel_pred & ref) / n_pred
+        tsens = np.count_nonzero(skel_ref & pred) / n_ref
+        cldice = 2 * tprec * tsens / (tprec + tsens) if tprec + tsens else 0.0
+    thin = thin_vessels(ref) & inside
+    return {"cldice": float(cldice),
+            "thin_sensitivity": _ratio(int(np.count_nonzero(thin & pred)), int(thin.sum()), math.nan)}
+
+
 def _images(folder: Path, what: str) -> dict[str, Path]:
     if not folder.is_dir():
         raise EvaluationError(f"{what} folder not found: {folder}")
@@ -95,7 +146,8 @@ def evaluate_folders(pred: str | Path, ref: str | Path, fov: str | Path | None =
     cases = {}
     for name, ref_path in refs.items():
         counts = confusion(_read(preds[name]), _read(ref_path), _read(fovs[name]) if fovs else None)
-        cases[name] = {**metrics_from_counts(counts), **counts}
+        masks = _read(preds[name]), _read(ref_path), _read(fovs[name]) if fovs else None
+        cases[name] = {**metrics_from_counts(counts), **thin_metrics(*masks), **counts}
     mean = {m: float(np.nanmean([c[m] for c in cases.values()])) for m in METRICS}
     return {"cases": cases, "mean": mean, "inside_fov": fovs is not None}
 
@@ -156,7 +208,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `evaluate` subcommand."""
     p = subparsers.add_parser(
-        "evaluate", help="Dice, IoU, sensitivity, specificity, accuracy of predicted masks",
+        "evaluate", help="Dice, IoU, sensitivity, specificity, accuracy, clDice, thin-vessel sensitivity",
         description="Compare predicted masks with reference masks (matched by file name, nonzero = vessel), "
                     "inside the field of view when --fov is given. Prints a table and saves "
                     "metrics.json and metrics.csv.",
