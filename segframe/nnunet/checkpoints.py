@@ -55,21 +55,25 @@ def _refused_types(path: Path, message: str) -> str:
 
 
 def load_checkpoint_file(path: str | os.PathLike, trust: bool = False,
-                         map_location: str | torch.device = "cpu") -> dict[str, Any]:
+                         map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """An nnU-Net checkpoint dict, loaded weights-only (or fully unpickled with `trust`).
 
     Raises UnreadableCheckpoint for truncated or foreign files and CheckpointError for pickles that
-    need more than tensors, containers and numpy scalars; the file is never changed.
+    need more than tensors, containers and numpy scalars; the file is never changed. `mmap` maps the
+    tensors instead of reading them (a cheap check of the file's structure).
     """
     path = Path(path)
     if not path.is_file():
         raise UnreadableCheckpoint(f"checkpoint {path} does not exist")
+    if not trust and not zipfile.is_zipfile(path):  # torch.save (and so nnU-Net) writes zip archives
+        raise UnreadableCheckpoint(f"checkpoint {path} is unreadable (truncated or not a checkpoint): it is "
+                                   f"not the zip archive torch.save writes ({path.stat().st_size} bytes)")
     try:
         if trust:
-            checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+            checkpoint = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
         else:
             with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-                checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+                checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         found = "" if trust else _refused_types(path, str(exc))
         if found:
@@ -79,7 +83,8 @@ def load_checkpoint_file(path: str | os.PathLike, trust: bool = False,
                 "and unpickling it could run code. If you trust this file and where it came from, pass "
                 "--trust-checkpoint"
             ) from None
-        raise UnreadableCheckpoint(f"checkpoint {path} is unreadable: {_short(exc)}") from None
+        raise UnreadableCheckpoint(f"checkpoint {path} is unreadable (truncated or not a checkpoint): "
+                                   f"{_short(exc)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError,
             ImportError, IndexError, KeyError, TypeError) as exc:
         raise UnreadableCheckpoint(f"checkpoint {path} is unreadable (truncated or not a checkpoint): "
@@ -92,13 +97,18 @@ def load_checkpoint_file(path: str | os.PathLike, trust: bool = False,
 
 
 def _short(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # torch's long weights-only preamble is not the point here
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, flush + fsync, then os.replace: a kill at
     any moment leaves either the previous file or the complete new one."""
     path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -149,13 +159,13 @@ def check_weights_fit(weights: dict[str, torch.Tensor], expected: dict[str, torc
         "the checkpoint comes from another model or plans; use the plans.json it was trained with")
 
 
-def readable_checkpoint(fold_dir: Path, first: str, trust: bool = False,
-                        fallback: bool = True) -> tuple[Path, dict[str, Any], str | None]:
+def readable_checkpoint(fold_dir: Path, first: str, trust: bool = False, fallback: bool = True,
+                        mmap: bool = False) -> tuple[Path, dict[str, Any], str | None]:
     """The checkpoint to continue from: `first`, or (if unreadable and `fallback`) the newest readable
     one beside it. Returns (path, checkpoint, note saying what was skipped, or None)."""
     path = fold_dir / first
     try:
-        return path, load_checkpoint_file(path, trust), None
+        return path, load_checkpoint_file(path, trust, mmap=mmap), None
     except UnreadableCheckpoint as exc:
         if not fallback:
             raise
@@ -165,13 +175,33 @@ def readable_checkpoint(fold_dir: Path, first: str, trust: bool = False,
     skipped = [problem]
     for other in others:
         try:
-            checkpoint = load_checkpoint_file(other, trust)
+            checkpoint = load_checkpoint_file(other, trust, mmap=mmap)
         except UnreadableCheckpoint as exc:
             skipped.append(str(exc))
             continue
         return other, checkpoint, f"{problem}; continuing from {other.name} (the newest readable one) instead"
     raise CheckpointError("; ".join(skipped) + f"; no readable checkpoint left in {fold_dir} (the files are "
                           "left as they are): train again with --overwrite")
+
+
+def expected_weights(plans: dict[str, Any], configuration: str,
+                     dataset_json: dict[str, Any]) -> dict[str, Any]:
+    """The state dict (shapes only where possible) of the model the plans build."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from segframe.nnunet.trainer import nnUNetTrainerSegframe
+
+    plans_manager = PlansManager(plans)
+    manager = plans_manager.get_configuration(configuration)
+    args = (plans_manager, manager, determine_num_input_channels(plans_manager, manager, dataset_json),
+            plans_manager.get_label_manager(dataset_json).num_segmentation_heads)
+    build = nnUNetTrainerSegframe.build_network_architecture
+    try:
+        with torch.device("meta"):
+            return build(*args, enable_deep_supervision=False).state_dict()
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):  # a head that cannot build on meta
+        return build(*args, enable_deep_supervision=False).state_dict()
 
 
 def nonfinite_tensors(weights: dict[str, torch.Tensor]) -> list[str]:

@@ -49,20 +49,16 @@ def _check_fold(dataset_dir: Path, fold: str) -> int | str:
     return int(fold)
 
 
-def _segframe_plans(args: argparse.Namespace, dataset_dir: Path) -> str:
-    """Write the plans from --config, or find the existing ones for --c / --val."""
+def _segframe_plans(args: argparse.Namespace, dataset_dir: Path) -> tuple[str, dict | None, list[str]]:
+    """The plans from --config (checked, not yet written: (name, plans, notes)), or the name of the
+    existing ones for --c / --val (name, None, [])."""
     from segframe.config import load_config
-    from segframe.nnunet.plans import config_tag, find_segframe_plans, plans_name, write_plans
+    from segframe.nnunet.plans import config_tag, find_segframe_plans, plans_name, prepare_plans
 
     if args.config:
         cfg = load_config(args.config)
         tag = config_tag(args.name or Path(args.config).stem)
-        name, notes = write_plans(dataset_dir, args.p, args.configuration, cfg, tag)
-        for note in notes:
-            print(f"segframe: {note}", flush=True)
-        print(f"segframe: config {args.config} stored in plans {name!r} ({dataset_dir / name}.json)",
-              flush=True)
-        return name
+        return prepare_plans(dataset_dir, args.p, args.configuration, cfg, tag)
     if not (args.c or args.val):
         raise SegframeError(
             "--config FILE.yaml is needed to start a training (--c and --val reuse the stored one)")
@@ -71,7 +67,7 @@ def _segframe_plans(args: argparse.Namespace, dataset_dir: Path) -> str:
         if not (dataset_dir / f"{name}.json").is_file():
             raise SegframeError(
                 f"no segframe plans {name!r} in {dataset_dir}; start that training with --config")
-        return name
+        return name, None, []
     found = find_segframe_plans(dataset_dir, args.p)
     if len(found) != 1:
         listing = ", ".join(found) or "none"
@@ -79,25 +75,88 @@ def _segframe_plans(args: argparse.Namespace, dataset_dir: Path) -> str:
             f"cannot tell which training to continue: segframe plans in {dataset_dir}: {listing}; "
             "pass --config FILE (or --name NAME) of the run"
         )
-    return found[0]
+    return found[0], None, []
+
+
+def _check_resume(args: argparse.Namespace, fold_dir: Path, plans: dict, dataset_json: dict) -> None:
+    """The checkpoint --c / --val will use is readable, ours and fits the plans' model (checked before
+    anything is written; --c falls back to the newest readable one and says so)."""
+    from segframe.nnunet.checkpoints import (
+        NAMES,
+        check_trainer,
+        check_weights_fit,
+        expected_weights,
+        readable_checkpoint,
+    )
+
+    first = NAMES[0] if args.val else next((n for n in NAMES if (fold_dir / n).is_file()), None)
+    if first is None:
+        return  # --c without checkpoints: nnU-Net starts a new training and says so
+    path, checkpoint, note = readable_checkpoint(fold_dir, first, args.trust_checkpoint, fallback=args.c,
+                                                 mmap=True)
+    if note:
+        print(f"segframe: {note}", flush=True)
+    check_trainer(checkpoint, path)
+    expected = expected_weights(plans, args.configuration, dataset_json)
+    check_weights_fit(checkpoint["network_weights"], expected, path)
+
+
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    """The `train` command line of `args`, for the training child process."""
+    argv = ["train", args.dataset, args.configuration, args.fold, "-p", args.p, "-device", args.device,
+            "--num-gpus", str(args.num_gpus)]
+    for option in ("config", "name"):
+        if getattr(args, option):
+            argv += [f"--{option}", str(getattr(args, option))]
+    for flag, dest in (("--c", "c"), ("--val", "val"), ("--npz", "npz"), ("--overwrite", "overwrite"),
+                       ("--trust-checkpoint", "trust_checkpoint")):
+        if getattr(args, dest):
+            argv.append(flag)
+    return argv
 
 
 def _train(args: argparse.Namespace) -> int:
+    """`segframe train`: on Linux the training runs in a child that dies, with every worker it started,
+    when this process dies (see segframe.nnunet.lifeline)."""
+    from segframe.nnunet import lifeline
+
+    if lifeline.supported() and not lifeline.is_child():
+        return lifeline.run_child(_train_argv(args))
+    if lifeline.is_child():
+        lifeline.hold()
+    try:
+        return _run_train(args)
+    finally:
+        if lifeline.supported():
+            lifeline.kill_descendants()
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    """Check everything (arguments, data, plans, checkpoints) before writing anything, then train."""
     from segframe.nnunet.plans import (
+        config_from_configuration,
         dataset_folder,
         nnunet_folder,
         read_json,
         resolved_configuration,
         results_folder,
+        store_plans,
     )
+    from segframe.nnunet.trainer import TRUST_ENV, resolve_precision
 
     if args.c and args.val:
         raise SegframeError("--c and --val exclude each other: --c continues training, --val only validates")
+    if args.num_gpus > 1 and args.device != "cuda":
+        raise SegframeError("--num-gpus > 1 trains with nnU-Net's DDP, which needs -device cuda")
     dataset_dir = dataset_folder(args.dataset)
     base = read_json(dataset_dir / f"{args.p}.json", f"nnU-Net plans {args.p!r} (-p)")
     resolved_configuration(base, args.configuration)
     fold = _check_fold(dataset_dir, args.fold)
-    name = _segframe_plans(args, dataset_dir)
+    name, plans, notes = _segframe_plans(args, dataset_dir)
+    stored = plans or read_json(dataset_dir / f"{name}.json", "segframe plans")
+    device = _device(args.device)
+    cfg = config_from_configuration(resolved_configuration(stored, args.configuration), f"plans {name!r}")
+    resolve_precision(cfg.train.precision, device)
     output = results_folder(nnunet_folder("nnUNet_results"), dataset_dir.name, name, args.configuration)
     fold_dir = output / f"fold_{fold}"
     existing = sorted(p.name for p in fold_dir.glob("checkpoint_*.pth"))
@@ -109,9 +168,16 @@ def _train(args: argparse.Namespace) -> int:
             f"{fold_dir} already holds {', '.join(existing)}: pass --c to continue, --val to validate, or "
             "--overwrite to train again from scratch (its checkpoints are then replaced)"
         )
+    if args.c or args.val:
+        _check_resume(args, fold_dir, stored, read_json(dataset_dir / "dataset.json", "dataset.json"))
+    if plans is not None:  # every check passed: only now is anything written
+        target = store_plans(dataset_dir, plans)
+        for note in notes:
+            print(f"segframe: {note}", flush=True)
+        print(f"segframe: config {args.config} stored in plans {name!r} ({target})", flush=True)
+    if args.trust_checkpoint:
+        os.environ[TRUST_ENV] = "1"
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.num_gpus > 1 and args.device != "cuda":
-        raise SegframeError("--num-gpus > 1 trains with nnU-Net's DDP, which needs -device cuda")
     use_ext_trainer()
     print(f"segframe: training {TRAINER_NAME}, results in {output}", flush=True)
 
@@ -127,7 +193,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         run_training(args.dataset, args.configuration, fold, TRAINER_NAME, name,
                      num_gpus=1 if world > 1 else args.num_gpus, export_validation_probabilities=args.npz,
-                     continue_training=args.c, only_run_validation=args.val, device=_device(args.device))
+                     continue_training=args.c, only_run_validation=args.val, device=device)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -221,6 +287,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--npz", action="store_true", help="also save validation probabilities")
     train.add_argument("--overwrite", action="store_true", help="train again over a fold with checkpoints")
     train.add_argument("--num-gpus", type=int, default=1, help="GPUs for nnU-Net's DDP (default 1)")
+    train.add_argument("--trust-checkpoint", action="store_true",
+                       help="allow --c/--val checkpoints that need full unpickling (can run code: only files "
+                            "you trust)")
     train.set_defaults(func=_train)
 
     predict = subparsers.add_parser(

@@ -175,10 +175,10 @@ def _structure(section: dict[str, Any]) -> dict[str, Any]:
     return {"model": config.get("model"), "lora": config.get("lora")}
 
 
-def write_plans(
+def prepare_plans(
     dataset_dir: Path, base_name: str, configuration: str, cfg: SegframeConfig, tag: str
-) -> tuple[str, list[str]]:
-    """Write `<dataset_dir>/<base>_segframe_<tag>.json`; returns its plans name and log lines.
+) -> tuple[str, dict[str, Any], list[str]]:
+    """The plans `<base>_segframe_<tag>` for `cfg`, checked but not written: (name, plans, log lines).
 
     Refuses to change the model of plans that already have trained checkpoints (their
     results folder would no longer rebuild them); train settings may change (e.g. more epochs
@@ -202,9 +202,24 @@ def write_plans(
                 "different model section; their results folder must keep rebuilding that model. Train this "
                 "config under another name (--name NEW), or move that results folder away first"
             )
+    return name, plans, notes
+
+
+def store_plans(dataset_dir: Path, plans: dict[str, Any]) -> Path:
+    """Write prepared plans to `<dataset_dir>/<plans_name>.json` (atomically)."""
+    target = dataset_dir / f"{plans['plans_name']}.json"
     tmp = target.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(plans, indent=2) + "\n")
     tmp.replace(target)
+    return target
+
+
+def write_plans(
+    dataset_dir: Path, base_name: str, configuration: str, cfg: SegframeConfig, tag: str
+) -> tuple[str, list[str]]:
+    """prepare_plans, then store_plans; returns the plans name and log lines."""
+    name, plans, notes = prepare_plans(dataset_dir, base_name, configuration, cfg, tag)
+    store_plans(dataset_dir, plans)
     return name, notes
 
 

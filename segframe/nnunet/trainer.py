@@ -4,16 +4,22 @@ Only what a ViT needs changes: the network (from the plans configuration's `segf
 section, so inference rebuilds it with no YAML), deep supervision off, AdamW with parameter
 groups (no decay on norms, biases and tokens; optional layer-wise LR decay and backbone LR
 scale), linear warmup then poly decay, the config's gradient clip, epochs and iterations,
-and the auxiliary-head loss. Data, augmentation, validation, checkpoints and export stay
-nnU-Net's. Pretrained backbone weights load when training starts, never at inference.
+the auxiliary-head loss (or the head's own loss), and what makes a run trustworthy: weights-only
+checkpoint loading with a readable fallback, atomic checkpoint writes, the best EMA Dice kept over
+`--c`, skipped NaN/inf steps with a stop after `train.max_nonfinite_steps`, and `train.precision`.
+Data, augmentation, validation and export stay nnU-Net's. Pretrained backbone weights load when
+training starts, never at inference.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+from pathlib import Path
+from time import time
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
@@ -22,10 +28,23 @@ from torch import nn
 from torch._dynamo import OptimizedModule
 from torch.optim.lr_scheduler import LRScheduler
 
-from segframe.errors import CheckpointError
+from segframe.errors import CheckpointError, ConfigError, SegframeError
 from segframe.lora import format_counts
 from segframe.model import ViTSegModel
+from segframe.nnunet.checkpoints import (
+    NAMES,
+    atomic_save,
+    check_trainer,
+    check_weights_fit,
+    load_checkpoint_file,
+    nonfinite_tensors,
+    readable_checkpoint,
+)
 from segframe.nnunet.plans import config_from_configuration
+
+# `segframe train --trust-checkpoint` sets this for its training process; with stock nnUNetv2_train set
+# it by hand (=1) to continue from a checkpoint that needs full unpickling.
+TRUST_ENV = "SEGFRAME_TRUST_CHECKPOINT"
 
 # nnU-Net's per-channel normalisation that leaves RGB in [0, 1], as the backbones were pretrained
 RGB_01 = "RGBTo01Normalization"
@@ -47,6 +66,34 @@ def intensity_warning(normalization_schemes: list[str], normalize: str) -> str |
             "mean/std; set model.normalize: backbone to feed the backbone what it was pretrained on"
         )
     return None
+
+
+class NonFiniteTraining(SegframeError):
+    """The loss or the weights became NaN/inf and stayed so: the run is stopped before it saves them."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`train.precision` for a device: auto = bf16 on CUDA that supports it, fp16 (with a grad scaler)
+    on older CUDA, fp32 elsewhere."""
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        if not cuda:
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "mps" and precision != "fp32":
+        raise ConfigError(f"train.precision: {precision} is not supported on mps (nnU-Net runs mps without "
+                          "autocast); use fp32 or auto")
+    return precision
+
+
+def better(value, best) -> bool:
+    """Whether an EMA pseudo Dice beats the best so far (NaN never does; a NaN or missing best loses)."""
+    if value is None or not np.isfinite(value):
+        return False
+    return best is None or not np.isfinite(best) or value > best
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class WarmupPolyLR(LRScheduler):
@@ -95,6 +142,8 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        # nnU-Net pops the flag in __init__; it decides whether an unreadable checkpoint may fall back
+        self.continue_training = bool(plans.get("continue_training", False))
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.segframe_config = config_from_configuration(
             self.configuration_manager.configuration, f"plans {self.plans_manager.plans_name!r}"
@@ -107,6 +156,11 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
         self.num_val_iterations_per_epoch = train.num_val_iterations_per_epoch
         self.save_every = train.save_every
         self.enable_deep_supervision = False
+        self.precision = resolve_precision(train.precision, self.device)
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.trust_checkpoint = os.environ.get(TRUST_ENV, "") == "1"
+        self.nonfinite_in_a_row = 0
+        self.iteration = 0
 
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -149,6 +203,9 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
             f"{m.decoder.name}, neck {m.neck}, upsampler {m.upsampler}, freeze_backbone {m.freeze_backbone}, "
             "LoRA " + (f"r={lora.r} alpha={lora.lora_alpha} dropout={lora.lora_dropout} on "
                        f"{lora.target_modules}" if lora.enabled else "off"))
+        self.print_to_log_file(
+            f"precision {self.precision} (train.precision: {cfg.train.precision})"
+            + (", with a gradient scaler" if self.grad_scaler is not None else ""))
         self.print_to_log_file("parameters:\n" + format_counts(model.parameter_counts(), detailed=True))
         warning = intensity_warning(list(self.configuration_manager.normalization_schemes), m.normalize)
         if warning:
@@ -159,19 +216,67 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
                 f.write("# the config this results folder was trained with (it also lives in plans.json)\n")
                 yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
 
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self.iteration = 0
+
+    def autocast(self):
+        """Autocast for `train.precision` (none for fp32)."""
+        if self.precision == "fp32":
+            return dummy_context()
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        """Whether `value` is finite on every DDP rank (all ranks must skip the same steps)."""
+        finite = torch.isfinite(value.detach()).all().to(torch.int32).reshape(1)
+        if self.is_ddp:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _skip_step(self, what: str, buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Undo a NaN/inf step (gradients dropped, running statistics restored) and count it; stop the run
+        after `train.max_nonfinite_steps` in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        self.nonfinite_in_a_row += 1
+        limit = self.segframe_config.train.max_nonfinite_steps
+        self.print_to_log_file(
+            f"epoch {self.current_epoch} iteration {self.iteration}: {what}; step skipped, weights unchanged "
+            f"({self.nonfinite_in_a_row} in a row, the limit is train.max_nonfinite_steps={limit})")
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteTraining(
+                f"training stopped at epoch {self.current_epoch} iteration {self.iteration}: {limit} steps "
+                f"in a row had a NaN/inf loss or gradient (the weights were not updated by them and no "
+                f"non-finite checkpoint was written; see {self.log_file}). Usual fixes: a lower "
+                f"train.initial_lr (now {self.initial_lr}), train.precision: bf16 or fp32 instead of fp16 "
+                f"(now {self.precision}), a smaller train.gradient_clip (now "
+                f"{self.segframe_config.train.gradient_clip})")
+
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        cuda = self.device.type == "cuda"
-        with torch.autocast(self.device.type, enabled=True) if cuda else dummy_context():
+        self.iteration += 1
+        model = self.model
+        # the forward updates norm running statistics: a skipped step must not keep them
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        with self.autocast():
             output = self.network(data)
-            loss = self.loss(output, target)
-            aux = self.model.auxiliary_logits
-            if aux is not None:
-                loss = loss + self.model.decoder.auxiliary_loss_weight * self.loss(aux, target)
+            if getattr(model, "owns_loss", False):
+                loss, _ = model.training_loss(output, target, self.label_manager.ignore_label)
+            else:
+                loss = self.loss(output, target)
+                aux = model.auxiliary_logits
+                if aux is not None:
+                    loss = loss + model.decoder.auxiliary_loss_weight * self.loss(aux, target)
+        result = {"loss": loss.detach().float().cpu().numpy()}
+        if not self._all_finite(loss):
+            self._skip_step(f"the loss is {loss.item()}", buffers)
+            return result
         clip = self.segframe_config.train.gradient_clip
-        if self.grad_scaler is not None:
+        if self.grad_scaler is not None:  # fp16: the scaler itself skips steps with inf/NaN gradients
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
@@ -179,22 +284,113 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
+            if not self._all_finite(norm):
+                self._skip_step(f"the gradient norm is {norm.item()}", buffers)
+                return result
             self.optimizer.step()
-        return {"loss": loss.detach().cpu().numpy()}
+        self.nonfinite_in_a_row = 0
+        return result
+
+    def on_epoch_end(self) -> None:
+        """nnU-Net's, with `_best_ema` updated (and checkpoint_best written) before checkpoint_latest, so
+        latest carries the best EMA Dice that `--c` restores; a NaN EMA is never a new best."""
+        self.logger.log("epoch_end_timestamps", time(), self.current_epoch)
+        for key in ("train_loss", "val_loss"):
+            self.print_to_log_file(key, np.round(self.logger.get_value(key + "es", step=-1), decimals=4))
+        self.print_to_log_file("Pseudo dice", [np.round(i, decimals=4) for i in
+                                               self.logger.get_value("dice_per_class_or_region", step=-1)])
+        seconds = (self.logger.get_value("epoch_end_timestamps", step=-1)
+                   - self.logger.get_value("epoch_start_timestamps", step=-1))
+        self.print_to_log_file(f"Epoch time: {np.round(seconds, decimals=2)} s")
+        ema = self.logger.get_value("ema_fg_dice", step=-1)
+        if better(ema, self._best_ema):
+            self._best_ema = ema
+            self.print_to_log_file(f"Yayy! New best EMA pseudo Dice: {np.round(self._best_ema, decimals=4)}")
+            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
+        epoch = self.current_epoch
+        if (epoch + 1) % self.save_every == 0 and epoch != self.num_epochs - 1:
+            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+        if self.local_rank == 0:
+            self.logger.plot_progress_png(self.output_folder)
+        self.current_epoch += 1
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint dict, written atomically; NaN/inf weights are never written."""
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        weights = self.model.state_dict()
+        bad = nonfinite_tensors(weights)
+        if bad:
+            raise NonFiniteTraining(
+                f"not writing {os.path.basename(filename)}: {len(bad)} weight tensors hold NaN/inf (e.g. "
+                f"{bad[0]}). Usual fixes: a lower train.initial_lr, train.precision: bf16 or fp32, a smaller "
+                "train.gradient_clip")
+        checkpoint = {
+            "network_weights": weights,
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+        }
+        atomic_save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        """nnU-Net's, with clear errors; a checkpoint dict goes through a temporary file
-        (nnU-Net 2.8.1's own load_checkpoint fails on dicts)."""
+        """nnU-Net's, loading weights-only (TRUST_ENV=1 allows full unpickling), with one-line errors.
+
+        When continuing (`--c`) and the file is unreadable, the newest readable checkpoint beside it is
+        used and named in the log; `_best_ema` is the best of the checkpoint's and checkpoint_best's.
+        """
+        if not self.was_initialized:
+            self.initialize()
         if isinstance(filename_or_checkpoint, dict):
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "checkpoint.pth")
-                torch.save(filename_or_checkpoint, path)
-                return self.load_checkpoint(path)
+            path, checkpoint = Path("<checkpoint dict>"), filename_or_checkpoint
+        else:
+            requested = Path(filename_or_checkpoint)
+            path, checkpoint, note = readable_checkpoint(
+                requested.parent, requested.name, self.trust_checkpoint, fallback=self.continue_training)
+            if note:
+                self.print_to_log_file(f"WARNING: {note}")
+        check_trainer(checkpoint, path)
+        weights = checkpoint["network_weights"]
+        model = self.model
+        check_weights_fit(weights, model.state_dict(), path)
+        weights = {k[7:] if k.startswith("module.") and k[7:] in model.state_dict() else k: v
+                   for k, v in weights.items()}
         try:
-            super().load_checkpoint(filename_or_checkpoint)
-        except (RuntimeError, KeyError, EOFError, OSError) as exc:
+            self.my_init_kwargs = checkpoint["init_args"]
+            self.current_epoch = checkpoint["current_epoch"]
+            self.logger.load_checkpoint(checkpoint["logging"])
+            self._best_ema = checkpoint["_best_ema"]
+            self.inference_allowed_mirroring_axes = checkpoint.get(
+                "inference_allowed_mirroring_axes", self.inference_allowed_mirroring_axes)
+            model.load_state_dict(weights)
+            self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+            if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+                self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(
-                f"cannot continue from {filename_or_checkpoint}: {type(exc).__name__}: {str(exc)[:500]}. "
-                "It is unreadable or was trained with a different model; the file is left as it is"
-            ) from None
+                f"cannot continue from {path}: {type(exc).__name__}: {str(exc)[:500]}. It was written by a "
+                "different model or nnU-Net version; the file is left as it is") from None
+        if self.continue_training:
+            self._best_ema = self._stored_best_ema(path.parent, self._best_ema)
+
+    def _stored_best_ema(self, fold_dir: Path, best):
+        """The higher of `best` and checkpoint_best.pth's `_best_ema` (read without its tensors)."""
+        if not (fold_dir / NAMES[2]).is_file():
+            return best
+        try:
+            stored = load_checkpoint_file(fold_dir / NAMES[2], self.trust_checkpoint, mmap=True)["_best_ema"]
+        except CheckpointError:
+            return best
+        if better(stored, best):
+            self.print_to_log_file(f"best EMA pseudo Dice {float(stored):.4f} from {NAMES[2]}")
+            return stored
+        return best
