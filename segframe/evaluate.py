@@ -34,8 +34,9 @@ def confusion(pred: np.ndarray, ref: np.ndarray, fov: np.ndarray | None = None) 
     """True/false positive/negative pixel counts of binary masks, only where `fov` is true."""
     pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
     if pred.shape != ref.shape or (fov is not None and np.shape(fov) != ref.shape):
-        shapes = [pred.shape, ref.shape] + ([np.shape(fov)] if fov is not None else [])
-        raise EvaluationError(f"mask shapes differ: {' vs '.join(map(str, shapes))}")
+        shapes = [f"prediction {pred.shape}", f"reference {ref.shape}"] + (
+            [f"FOV {np.shape(fov)}"] if fov is not None else [])
+        raise EvaluationError(f"mask shapes differ: {' vs '.join(shapes)}")
     if fov is not None:
         fov = np.asarray(fov, bool)
         pred, ref = pred[fov], ref[fov]
@@ -145,7 +146,11 @@ def evaluate_folders(pred: str | Path, ref: str | Path, fov: str | Path | None =
             raise EvaluationError(f"no {what} for reference case(s) {', '.join(missing)}")
     cases = {}
     for name, ref_path in refs.items():
-        counts = confusion(_read(preds[name]), _read(ref_path), _read(fovs[name]) if fovs else None)
+        try:
+            counts = confusion(_read(preds[name]), _read(ref_path), _read(fovs[name]) if fovs else None)
+        except EvaluationError as exc:  # name the case and its files
+            files = [preds[name], ref_path] + ([fovs[name]] if fovs else [])
+            raise EvaluationError(f"case {name}: {exc} ({', '.join(map(str, files))})") from None
         masks = _read(preds[name]), _read(ref_path), _read(fovs[name]) if fovs else None
         cases[name] = {**metrics_from_counts(counts), **thin_metrics(*masks), **counts}
     mean = {m: float(np.nanmean([c[m] for c in cases.values()])) for m in METRICS}

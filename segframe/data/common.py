@@ -160,14 +160,17 @@ def _replace(new: Path, final: Path) -> None:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    """An image file as (H, W, 3) uint8 RGB; a file that cannot be read is one error naming it."""
+    from segframe.images import read_pil
+
+    return read_pil(path, "RGB")
 
 
 def read_mask(path: Path) -> np.ndarray:
     """A binary mask (nonzero = inside) from any PIL-readable file: 0/1, 0/255, 1-bit or palette."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L")) > 0
+    from segframe.images import read_pil
+
+    return read_pil(path, "L") > 0
 
 
 def require(paths: dict[str, Path], source: Path, what: str) -> None:

@@ -200,67 +200,10 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _folds(model_folder: Path, folds: list[str] | None, checkpoint: str) -> list[int | str]:
-    available = sorted(p.parent.name[5:] for p in model_folder.glob(f"fold_*/{checkpoint}"))
-    if folds is None:
-        if not available:
-            raise SegframeError(f"no fold of {model_folder} has {checkpoint} (did training finish? see -chk)")
-        folds = available
-    missing = [f for f in folds if f not in available]
-    if missing:
-        raise SegframeError(
-            f"fold(s) {', '.join(missing)} of {model_folder} have no {checkpoint}; available: "
-            f"{', '.join(available) or 'none'}"
-        )
-    return [f if f == "all" else int(f) for f in folds]
-
-
-def check_results_folder(model_folder: Path) -> str:
-    """The configuration a segframe results folder was trained with; clear errors for anything else."""
-    from segframe.nnunet.plans import config_from_configuration, read_json, resolved_configuration
-
-    if not model_folder.is_dir():
-        raise SegframeError(f"results folder {model_folder} does not exist")
-    plans = read_json(model_folder / "plans.json", "plans.json of the results folder (is -m an nnU-Net "
-                      "results folder, TRAINER__PLANS__CONFIGURATION?)")
-    read_json(model_folder / "dataset.json", "dataset.json of the results folder")
-    parts = model_folder.name.split("__")
-    if len(parts) != 3:
-        raise SegframeError(
-            f"{model_folder.name} is not named TRAINER__PLANS__CONFIGURATION as nnU-Net names results "
-            "folders; pass the folder that holds fold_0, plans.json and dataset.json")
-    configuration = parts[2]
-    config_from_configuration(resolved_configuration(plans, configuration), f"{model_folder}/plans.json")
-    return configuration
-
-
 def _predict(args: argparse.Namespace) -> int:
-    model_folder = Path(args.m).resolve()
-    check_results_folder(model_folder)
-    folds = _folds(model_folder, args.f, args.chk)
-    source, out = Path(args.i), Path(args.o)
-    if not source.is_dir():
-        raise SegframeError(f"input folder {source} does not exist")
-    if not any(source.iterdir()):
-        raise SegframeError(f"input folder {source} is empty: it needs images named CASE_0000.<ext>")
-    if source.resolve() == out.resolve():
-        raise SegframeError("-o must differ from -i: predictions would be written among the input images")
-    device = _device(args.device)
-    use_ext_trainer()
+    from segframe.nnunet.predict import predict_command
 
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    predictor = nnUNetPredictor(
-        tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
-        perform_everything_on_device=device.type == "cuda", device=device, verbose=False, allow_tqdm=True,
-    )
-    predictor.initialize_from_trained_model_folder(str(model_folder), folds, args.chk)
-    print(f"segframe: predicting {source} -> {out} with folds {folds} ({args.chk}) on {device}", flush=True)
-    predictor.predict_from_files(
-        str(source), str(out), save_probabilities=args.save_probabilities, overwrite=True,
-        num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps,
-    )
-    return 0
+    return predict_command(args)
 
 
 def _trainer_path(args: argparse.Namespace) -> int:
@@ -297,7 +240,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Rebuild the model from an nnU-Net results folder and run nnU-Net's predictor "
                     "(sliding window, Gaussian weighting, mirroring, export).",
     )
-    predict.add_argument("-i", required=True, help="input folder (CASE_0000.png, ...)")
+    predict.add_argument("-i", required=True,
+                         help="input folder: PNG (8/16-bit, gray/RGB/RGBA), JPEG, TIFF or BMP files with any "
+                              "name, or nnU-Net's CASE_0000.<ext>; each mask is written as <stem>.png")
     predict.add_argument("-o", required=True, help="output folder")
     predict.add_argument("-m", required=True, help="results folder TRAINER__PLANS__CONFIGURATION")
     predict.add_argument("-f", nargs="+", help="folds to ensemble (default: every fold with -chk)")
@@ -306,8 +251,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--step_size", type=float, default=0.5, help="sliding-window step (of the patch)")
     predict.add_argument("--disable_tta", action="store_true", help="no mirroring (4x faster in 2D)")
     predict.add_argument("--save_probabilities", action="store_true", help="also write .npz probabilities")
-    predict.add_argument("-npp", type=int, default=1, help="processes for preprocessing (default 1)")
-    predict.add_argument("-nps", type=int, default=1, help="processes for export (default 1)")
+    predict.add_argument("--overwrite", action="store_true",
+                         help="replace files in -o that this run writes (other files are never touched)")
+    predict.add_argument("--trust-checkpoint", action="store_true",
+                         help="allow checkpoints that need full unpickling (only files you trust)")
+    predict.add_argument("-npp", type=int, default=1, help="unused: images are read one at a time")
+    predict.add_argument("-nps", type=int, default=1, help="unused: masks are written one at a time")
     predict.set_defaults(func=_predict)
 
     path = subparsers.add_parser(

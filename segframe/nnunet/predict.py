@@ -1,0 +1,313 @@
+"""`segframe predict` and the Python `Predictor`: a trained results folder applied to ordinary image files.
+
+Inputs are PNG (8/16-bit, gray/RGB/RGBA), JPEG, TIFF or BMP files with any name, or nnU-Net's
+`CASE_XXXX.<ending>` channel files; each is converted to what the model was trained on
+(`segframe.images.InputSpec`) and predicted by nnU-Net's own predictor (preprocessing, sliding
+window, Gaussian weighting, mirroring, resampling back). Files in nnU-Net formats that are not
+ordinary images (e.g. `.nii.gz`) are read and written by the plans' own reader/writer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segframe.errors import SegframeError
+from segframe.images import IMAGE_SUFFIXES, ImageError, InputSpec, read_image, reason
+
+SPACING_2D = {"spacing": (999, 1, 1)}  # what nnU-Net's NaturalImage2DIO gives every 2D image
+
+
+def _folds(model_folder: Path, folds: list[str] | None, checkpoint: str) -> list[int | str]:
+    available = sorted(p.parent.name[5:] for p in model_folder.glob(f"fold_*/{checkpoint}"))
+    if folds is None:
+        if not available:
+            raise SegframeError(f"no fold of {model_folder} has {checkpoint} (did training finish? see -chk)")
+        folds = available
+    folds = [str(f) for f in folds]
+    missing = [f for f in folds if f not in available]
+    if missing:
+        raise SegframeError(
+            f"fold(s) {', '.join(missing)} of {model_folder} have no {checkpoint}; available: "
+            f"{', '.join(available) or 'none'}"
+        )
+    return [f if f == "all" else int(f) for f in folds]
+
+
+def check_results_folder(model_folder: Path) -> str:
+    """The configuration a segframe results folder was trained with; clear errors for anything else."""
+    from segframe.nnunet.plans import config_from_configuration, read_json, resolved_configuration
+
+    if not model_folder.is_dir():
+        raise SegframeError(f"results folder {model_folder} does not exist")
+    plans = read_json(model_folder / "plans.json", "plans.json of the results folder (is -m an nnU-Net "
+                      "results folder, TRAINER__PLANS__CONFIGURATION?)")
+    read_json(model_folder / "dataset.json", "dataset.json of the results folder")
+    parts = model_folder.name.split("__")
+    if len(parts) != 3:
+        raise SegframeError(
+            f"{model_folder.name} is not named TRAINER__PLANS__CONFIGURATION as nnU-Net names results "
+            "folders; pass the folder that holds fold_0, plans.json and dataset.json")
+    configuration = parts[2]
+    config_from_configuration(resolved_configuration(plans, configuration), f"{model_folder}/plans.json")
+    return configuration
+
+
+def initialize(predictor: Any, model_folder: Path, folds: list[int | str], checkpoint: str,
+               trust: bool = False) -> None:
+    """Load the folds' weights into an nnUNetPredictor: weights-only through segframe's checkpoint
+    checks when available, else nnU-Net's own (full-unpickle) loader."""
+    try:
+        from segframe.nnunet.checkpoints import initialize_predictor
+    except ImportError:
+        predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint)
+        return
+    initialize_predictor(predictor, model_folder, folds, checkpoint, trust=trust)
+
+
+def _torch_device(device: Any):
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from segframe.nnunet.cli import _device
+
+    return _device(str(device))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to predict: its output name, its file(s) (several for nnU-Net channel files), ending."""
+
+    name: str
+    files: tuple[Path, ...]
+    ending: str
+
+
+def _ending(path: Path, file_ending: str) -> str:
+    return file_ending if path.name.lower().endswith(file_ending.lower()) else path.suffix.lower()
+
+
+def find_inputs(source: Path, file_ending: str) -> tuple[list[Job], list[str]]:
+    """The images of folder `source` (jobs) and the names of other files there (skipped).
+
+    `CASE_0000.<ext>` (with `CASE_0001...` for more channels) is one image named CASE, as in nnU-Net;
+    any other image file is one image named after its stem.
+    """
+    accepted = {*IMAGE_SUFFIXES, file_ending.lower()}
+    entries = sorted(p for p in source.iterdir() if not p.name.startswith("."))
+    images = [p for p in entries if p.is_file() and _ending(p, file_ending) in accepted]
+    if not images:
+        held = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:10]) or "nothing"
+        held += f" and {len(entries) - 10} more" if len(entries) > 10 else ""
+        raise SegframeError(
+            f"no images in input folder {source} (it holds {held}); accepted: "
+            f"{', '.join(sorted(accepted))} files, with any name")
+    groups: dict[tuple[str, str], list[tuple[int, Path]]] = {}
+    for p in images:
+        ext = _ending(p, file_ending)
+        m = re.fullmatch(r"(.+)_(\d{4})", p.name[: -len(ext)])
+        if m:
+            groups.setdefault((m.group(1), ext), []).append((int(m.group(2)), p))
+    jobs, grouped = [], set()
+    for (case, ext), members in groups.items():
+        members.sort()
+        if [i for i, _ in members] == list(range(len(members))):
+            jobs.append(Job(case, tuple(p for _, p in members), ext))
+            grouped.update(p for _, p in members)
+    for p in images:
+        if p not in grouped:
+            ext = _ending(p, file_ending)
+            jobs.append(Job(p.name[: -len(ext)], (p,), ext))
+    by_name: dict[str, list[Path]] = {}
+    for job in jobs:
+        by_name.setdefault(job.name, []).append(job.files[0])
+    clashes = {n: fs for n, fs in by_name.items() if len(fs) > 1}
+    if clashes:
+        listing = "; ".join(f"{', '.join(f.name for f in fs)} -> {n}" for n, fs in sorted(clashes.items()))
+        raise SegframeError(f"input files would write the same output: {listing}; rename one of each")
+    skipped = [p.name for p in entries if p.is_dir() or p not in images]
+    return sorted(jobs, key=lambda j: j.name), skipped
+
+
+class Predictor:
+    """A trained segframe results folder as a Python object: `predict(image)` -> label map.
+
+    `Predictor.from_results(folder)` rebuilds the model from the folder alone (no YAML) and
+    wraps nnU-Net's `nnUNetPredictor`, so preprocessing, sliding window, mirroring and resampling
+    are nnU-Net's. Images are converted to what the model was trained on as `segframe predict` does.
+    """
+
+    def __init__(self, predictor: Any, model_folder: Path, folds: list[int | str], checkpoint: str,
+                 spec: InputSpec, notify: Callable[[str], None] | None = None):
+        self.nnunet = predictor
+        self.model_folder = model_folder
+        self.folds = folds
+        self.checkpoint = checkpoint
+        self.spec = spec
+        self.labels = dict(json.loads((model_folder / "dataset.json").read_text())["labels"])
+        self.notify = notify or (lambda text: print(f"segframe: {text}", file=sys.stderr, flush=True))
+        self._said: set[str] = set()
+
+    @classmethod
+    def from_results(cls, folder: str | os.PathLike, folds: list[int | str] | None = None,
+                     checkpoint: str = "checkpoint_final.pth", device: Any = "auto",
+                     trust_checkpoint: bool = False, step_size: float = 0.5, mirroring: bool = True,
+                     progress: bool = False, notify: Callable[[str], None] | None = None) -> Predictor:
+        """Load `folder` (TRAINER__PLANS__CONFIGURATION): `folds` default to every fold with
+        `checkpoint`; `device` is "auto", "cpu", "cuda", "mps" or a torch.device; `trust_checkpoint`
+        allows checkpoints that need full unpickling (only for files you trust)."""
+        from segframe.nnunet.cli import use_ext_trainer
+
+        model_folder = Path(folder).resolve()
+        check_results_folder(model_folder)
+        chosen = _folds(model_folder, None if folds is None else [str(f) for f in folds], checkpoint)
+        torch_device = _torch_device(device)
+        use_ext_trainer()
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        predictor = nnUNetPredictor(
+            tile_step_size=step_size, use_gaussian=True, use_mirroring=mirroring,
+            perform_everything_on_device=torch_device.type == "cuda", device=torch_device, verbose=False,
+            allow_tqdm=progress,
+        )
+        initialize(predictor, model_folder, chosen, checkpoint, trust_checkpoint)
+        return cls(predictor, model_folder, chosen, checkpoint, InputSpec.from_results(model_folder), notify)
+
+    def _say(self, notes: list[str]) -> None:
+        for note in notes:
+            if note not in self._said:
+                self._said.add(note)
+                self.notify(note)
+
+    def prepare(self, image: Any, name: str | None = None) -> tuple[np.ndarray, dict]:
+        """(C, 1, H, W) float32 and nnU-Net properties from a path, a PIL image or an (H, W[, C]) array."""
+        if isinstance(image, (str, os.PathLike)):
+            name = name or str(image)
+            array = read_image(image)
+        elif hasattr(image, "mode") and hasattr(image, "getbands"):  # a PIL image
+            from segframe.images import _from_pil
+
+            array = _from_pil(image)
+        else:
+            array = np.asarray(image)
+        data, notes = self.spec.convert(array, name or "image")
+        self._say(notes)
+        return data, dict(SPACING_2D)
+
+    def predict(self, image: Any, probabilities: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The label map (H, W) of `image`; with `probabilities`, also the (K, H, W) class probabilities."""
+        data, props = self.prepare(image)
+        seg, probs = self.run(data, props, probabilities)
+        if seg.ndim == 3:  # nnU-Net's 2D layout (1, H, W), probabilities (K, 1, H, W)
+            seg, probs = seg[0], None if probs is None else probs[:, 0]
+        return (seg, probs) if probabilities else seg
+
+    def run(self, data: np.ndarray, props: dict, probabilities: bool = False) -> tuple[np.ndarray, Any]:
+        """nnU-Net's prediction of prepared data: (segmentation, probabilities or None), nnU-Net's shapes."""
+        out = self.nnunet.predict_single_npy_array(data, props, None, None, probabilities)
+        return (out[0], out[1]) if probabilities else (out, None)
+
+    def read_job(self, job: Job) -> tuple[np.ndarray, dict]:
+        """The prepared data of one input of `segframe predict`."""
+        if job.ending not in IMAGE_SUFFIXES:  # an nnU-Net format: its own reader, no conversion
+            reader = self.nnunet.plans_manager.image_reader_writer_class()
+            try:
+                data, props = reader.read_images([str(f) for f in job.files])
+            except Exception as exc:
+                raise ImageError(f"{job.files[0]}: cannot read the image ({reason(exc)})") from None
+            if data.shape[0] != self.spec.channels:
+                raise ImageError(f"{job.files[0]}: has {data.shape[0]} channel(s), the model was trained "
+                                 f"on {self.spec.channels}")
+            return data, props
+        arrays = [read_image(f) for f in job.files]
+        if len(arrays) == 1:
+            return self.prepare(arrays[0], str(job.files[0]))
+        shapes = {a.shape[:2] for a in arrays}
+        if len(shapes) > 1:
+            sizes = sorted(shapes)
+            raise ImageError(f"{job.files[0]}: the channel files of {job.name} differ in size: {sizes}")
+        stacked = np.concatenate([a if a.ndim == 3 else a[..., None] for a in arrays], axis=2)
+        return self.prepare(stacked, str(job.files[0]))
+
+    def write(self, job: Job, out: Path, seg: np.ndarray, probs: Any, props: dict) -> None:
+        """Write a prediction as nnU-Net does: the mask (PNG for ordinary images), and probabilities."""
+        from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+
+        files = output_files(job, out, probs is not None)
+        writer = NaturalImage2DIO() if job.ending in IMAGE_SUFFIXES \
+            else self.nnunet.plans_manager.image_reader_writer_class()
+        writer.write_seg(seg, str(files[0]), props)
+        if probs is not None:
+            from batchgenerators.utilities.file_and_folder_operations import save_pickle
+
+            np.savez_compressed(files[1], probabilities=probs)
+            save_pickle(props, str(files[2]))
+
+
+def output_files(job: Job, out: Path, probabilities: bool) -> list[Path]:
+    """What predicting `job` writes into `out`: the mask (PNG for ordinary images), and probabilities."""
+    base = out / job.name
+    ending = job.ending if job.ending not in IMAGE_SUFFIXES else ".png"
+    return [Path(f"{base}{ending}")] + ([Path(f"{base}.npz"), Path(f"{base}.pkl")] if probabilities else [])
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """`segframe predict`: each image of -i written under its stem in -o; exit 1 if any was not predicted."""
+    from segframe.nnunet.cli import _device
+
+    model_folder = Path(args.m).resolve()
+    check_results_folder(model_folder)
+    folds = _folds(model_folder, args.f, args.chk)
+    source, out = Path(args.i), Path(args.o)
+    if not source.is_dir():
+        raise SegframeError(f"input folder {source} does not exist")
+    if source.resolve() == out.resolve():
+        raise SegframeError("-o must differ from -i: predictions would be written among the input images")
+    ending = json.loads((model_folder / "dataset.json").read_text()).get("file_ending", ".png")
+    jobs, skipped = find_inputs(source, ending)
+    writes = {job: output_files(job, out, args.save_probabilities) for job in jobs}
+    existing = sorted(p.name for files in writes.values() for p in files if p.exists())
+    if existing and not args.overwrite:
+        shown = ", ".join(existing[:10]) + (f" and {len(existing) - 10} more" if len(existing) > 10 else "")
+        raise SegframeError(
+            f"output folder {out} already holds {len(existing)} file(s) this run would write: {shown}; "
+            "pass --overwrite to replace them (other files are never touched) or choose another -o")
+    device = _device(args.device)
+    predictor = Predictor.from_results(
+        model_folder, folds=folds, checkpoint=args.chk, device=device, trust_checkpoint=args.trust_checkpoint,
+        step_size=args.step_size, mirroring=not args.disable_tta, progress=True,
+        notify=lambda text: print(f"segframe: {text}", flush=True),
+    )
+    if skipped:
+        print(f"segframe: skipped {len(skipped)} file(s) that are not images: {', '.join(skipped[:10])}"
+              + (" ..." if len(skipped) > 10 else ""), flush=True)
+    print(f"segframe: predicting {len(jobs)} image(s) {source} -> {out} with folds {folds} ({args.chk}) "
+          f"on {device}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for job in jobs:
+        try:
+            data, props = predictor.read_job(job)
+        except ImageError as exc:
+            print(f"segframe predict: error: {exc}", file=sys.stderr, flush=True)
+            failed.append(job.files[0].name)
+            continue
+        seg, probs = predictor.run(data, props, args.save_probabilities)
+        predictor.write(job, out, seg, probs, props)
+    done = len(jobs) - len(failed)
+    print(f"segframe: wrote {done} prediction(s) to {out}", flush=True)
+    if failed:
+        raise SegframeError(f"{len(failed)} of {len(jobs)} input(s) were not predicted: {', '.join(failed)}")
+    return 0

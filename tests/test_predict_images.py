@@ -1,0 +1,280 @@
+"""`segframe predict` on the image files users have, and the Python `Predictor` that matches it.
+
+Conversions are checked against hand computations and nnU-Net's own PNG reader; one tiny trained
+results folder (discs on noise, 1 epoch x 2 iterations: the point is input handling, not quality)
+is shared by the end-to-end tests, one per row of issue 14's table.
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import yaml
+from PIL import Image
+
+from segframe.data.common import Case, write_dataset
+from segframe.images import ImageError, InputSpec, read_image
+
+DATASET = 994
+NAME = "Dataset994_PredictDiscs"
+BIN = Path(sys.executable).parent
+TINY = {
+    "model": {"backbone": "dinov2", "backbone_size": "tiny",
+              "decoder": {"name": "upernet", "hidden_size": 16}},
+    "train": {"initial_lr": 1e-3, "num_epochs": 1, "num_iterations_per_epoch": 2,
+              "num_val_iterations_per_epoch": 1, "warmup_epochs": 0, "batch_size": 2, "patch_size": [48, 48]},
+}
+
+
+def disc_case(rng: np.random.Generator, name: str, size: int = 64) -> Case:
+    yy, xx = np.mgrid[:size, :size]
+    r = rng.uniform(6, 12)
+    cy, cx = rng.uniform(r, size - r, 2)
+    label = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    image = rng.normal(60, 25, (size, size, 3)) + label[..., None] * 120
+    return Case(name, np.clip(image, 0, 255).astype(np.uint8), label, np.ones((size, size), bool))
+
+
+def run(env: dict, *cmd, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
+                             f"{done.stderr[-3000:]}")
+    return done
+
+
+def segframe(env: dict, *args, check: bool = True) -> subprocess.CompletedProcess:
+    return run(env, sys.executable, "-m", "segframe.cli", *args, check=check)
+
+
+# ------------------------------------------------------------------ conversions, no model needed
+
+RGB = InputSpec(channels=3)
+
+
+def test_eight_bit_rgb_png_matches_nnunet_reader(tmp_path):
+    from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+
+    rgb = np.random.default_rng(0).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    ours, notes = RGB.convert(read_image(tmp_path / "a.png"), "a.png")
+    theirs, props = NaturalImage2DIO().read_images([str(tmp_path / "a.png")])
+    assert notes == [] and ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
+
+
+def test_sixteen_bit_rgb_png_is_read_at_full_depth_and_scaled_by_its_bit_depth(tmp_path):
+    data = np.random.default_rng(1).integers(0, 4096, (6, 5, 3)).astype(np.uint16)
+    data[0, 0, 0] = 4095
+    sitk.WriteImage(sitk.GetImageFromArray(data, isVector=True), str(tmp_path / "deep.png"))
+    assert np.asarray(Image.open(tmp_path / "deep.png")).max() <= 16  # PIL keeps only the high byte
+    array = read_image(tmp_path / "deep.png")
+    assert array.dtype == np.uint16 and np.array_equal(array, data)
+    out, notes = RGB.convert(array, "deep.png")
+    expected = data.transpose(2, 0, 1)[:, None] * (255 / 4095)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    assert notes == ["uint16 images holding 12-bit data (largest value <= 4095): scaled to 0-255 by 255/4095"]
+
+
+@pytest.mark.parametrize(("top", "bits"), [(255, 8), (256, 10), (1023, 10), (16383, 14), (65535, 16)])
+def test_bit_depth_rule(top, bits):
+    array = np.array([[0, top]], np.uint16)
+    out, notes = InputSpec(channels=1).convert(array, "x")
+    assert out.max() == pytest.approx(top * 255 / (2**bits - 1))
+    assert f"{bits}-bit data" in notes[0]
+
+
+def test_channel_conversions_and_refusals():
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    out, notes = RGB.convert(gray, "g.png")
+    assert np.array_equal(out, np.stack([gray] * 3)[:, None].astype(np.float32)) and "gray" in notes[0]
+    rgba = np.dstack([np.stack([gray] * 3, -1), np.full((3, 4), 255, np.uint8)])
+    out_rgba, notes = RGB.convert(rgba, "a.png")
+    assert np.array_equal(out_rgba, out) and "opaque alpha" in notes[0]
+    rgba[1, 1, 3] = 254
+    with pytest.raises(ImageError, match=r"^a\.png: has transparent pixels"):
+        RGB.convert(rgba, "a.png")
+    with pytest.raises(ImageError, match=r"^f\.tif: float values from 0 to 3, a range the training data"):
+        RGB.convert(np.array([[0.0, 3.0]], np.float32), "f.tif")
+    with pytest.raises(ImageError, match="negative values"):
+        RGB.convert(np.array([[-1, 3]], np.int16), "s.tif")
+    color = np.random.default_rng(0).integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    with pytest.raises(ImageError, match="has 3 channel"):
+        InputSpec(channels=1).convert(color, "c.png")
+    same, _ = InputSpec(channels=1).convert(np.stack([gray] * 3, -1), "s.png")
+    assert np.array_equal(same, gray[None, None].astype(np.float32))
+
+
+def test_unreadable_files_are_one_line_errors(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "cut.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:2000])
+    (tmp_path / "text.png").write_text("not an image")
+    for name in ("cut.png", "text.png"):
+        with pytest.raises(ImageError) as info:
+            read_image(tmp_path / name)
+        message = str(info.value)
+        assert message.startswith(f"{tmp_path / name}: cannot read the image (") and "\n" not in message
+
+
+# ------------------------------------------------------------------ end to end
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny trained segframe results folder, the env to run commands in, and test images."""
+    root = tmp_path_factory.mktemp("predict")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", nnUNet_compile="f")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[var] = str(root / var)
+        (root / var).mkdir()
+    env.pop("nnUNet_extTrainer", None)
+    env.pop("PYTHONWARNINGS", None)
+    rng = np.random.default_rng(0)
+    write_dataset(root / "nnUNet_raw", DATASET, "PredictDiscs",
+                  train=(disc_case(rng, f"tr_{i:03d}") for i in range(6)),
+                  test=(disc_case(rng, f"ts_{i:03d}") for i in range(2)))
+    run(env, BIN / "nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", "1")
+    env["nnUNet_n_proc_DA"] = "0"  # augmentation in the training process (set after planning, which
+    # would pass 0 to torch.set_num_threads)
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    segframe(env, "train", DATASET, "2d", "0", "--config", config, "-device", "cpu")
+    folder = Path(env["nnUNet_results"], NAME, "nnUNetTrainerSegframe__nnUNetPlans_segframe_tiny__2d")
+    assert (folder / "fold_0" / "checkpoint_final.pth").is_file()
+    images = root / "images"
+    images.mkdir()
+    rgb = np.asarray(Image.open(Path(env["nnUNet_raw"], NAME, "imagesTs", "ts_000_0000.png")))
+    Image.fromarray(rgb).save(images / "plain.png")                                   # no _0000 suffix
+    Image.fromarray(rgb).save(images / "scan_0000.jpg", quality=95)                   # JPEG, nnU-Net name
+    deep = np.round(rgb.astype(np.float64) * 4095 / 255).astype(np.uint16)            # 12-bit in 16-bit RGB
+    sitk.WriteImage(sitk.GetImageFromArray(deep, isVector=True), str(images / "deep.png"))
+    flipped = sitk.GetImageFromArray(deep[::-1].copy(), isVector=True)
+    sitk.WriteImage(flipped, str(images / "deep flipped.png"))
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])).save(images / "opaque.png")
+    gray = rgb[..., 1]
+    Image.fromarray(gray).save(images / "gray.bmp")                                   # gray into an RGB model
+    Image.fromarray(gray.astype(np.uint16) * 257).save(images / "gray16.tif")         # 16-bit grayscale
+    alpha = np.full(rgb.shape[:2], 255, np.uint8)
+    alpha[:8] = 0
+    Image.fromarray(np.dstack([rgb, alpha])).save(images / "see_through.png")
+    Image.fromarray(rgb).save(images / "broken.png")
+    (images / "broken.png").write_bytes((images / "broken.png").read_bytes()[:200])
+    (images / "notes.txt").write_text("the user's own notes")
+    return env, folder, images, rgb
+
+
+GOOD = ["deep", "deep flipped", "gray", "gray16", "opaque", "plain", "scan"]
+
+
+@pytest.fixture(scope="module")
+def predicted(trained, tmp_path_factory):
+    """One `segframe predict` over the mixed folder into an output folder holding the user's files."""
+    env, folder, images, _ = trained
+    out = tmp_path_factory.mktemp("out")
+    (out / "keep.txt").write_text("mine")
+    done = segframe(env, "predict", "-i", images, "-o", out, "-m", folder, "-f", "0", "-device", "cpu",
+                    "--save_probabilities", check=False)
+    return done, out
+
+
+def test_predict_takes_ordinary_images_and_tells_the_truth(predicted):
+    done, out = predicted
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "FutureWarning" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("segframe predict: error:")]
+    assert len(errors) == 3, done.stderr
+    assert "broken.png: cannot read the image (" in errors[0]
+    assert "see_through.png: has transparent pixels" in errors[1]
+    assert "2 of 9 input(s) were not predicted: broken.png, see_through.png" in errors[-1]
+    assert sorted(p.stem for p in out.glob("*.png")) == GOOD
+    assert (out / "keep.txt").read_text() == "mine"
+    # every conversion said once per run
+    for note in ("uint16 images holding 12-bit data (largest value <= 4095): scaled to 0-255 by 255/4095",
+                 "gray images: the channel repeated to RGB",
+                 "images with an opaque alpha channel: alpha dropped",
+                 "skipped 1 file(s) that are not images: notes.txt"):
+        assert done.stdout.count(note) == 1, (note, done.stdout)
+    assert "in_channels" not in done.stdout + done.stderr
+
+
+def probs(out: Path, name: str) -> np.ndarray:
+    return np.load(out / f"{name}.npz")["probabilities"][:, 0]
+
+
+def test_conversions_give_the_prediction_of_the_original(predicted):
+    _, out = predicted
+    plain = probs(out, "plain")
+    assert plain.shape[0] == 2 and np.allclose(plain.sum(0), 1, atol=1e-4)
+    np.testing.assert_allclose(probs(out, "opaque"), plain, atol=1e-6)                # alpha dropped exactly
+    np.testing.assert_allclose(probs(out, "deep"), plain, atol=2e-3)                  # 12-bit rescaled
+    np.testing.assert_allclose(probs(out, "deep flipped"), probs(out, "deep")[:, ::-1], atol=2e-3)
+    np.testing.assert_allclose(probs(out, "gray16"), probs(out, "gray"), atol=1e-5)   # 16-bit gray = 8-bit
+    assert not np.allclose(probs(out, "gray"), plain, atol=1e-3)                      # gray is another input
+    with open(out / "plain.pkl", "rb") as f:
+        assert pickle.load(f) == {"spacing": (999, 1, 1)}
+
+
+def test_output_folder_is_safe(trained, predicted):
+    env, folder, images, _ = trained
+    _, out = predicted
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    done = segframe(env, "predict", "-i", images, "-o", out, "-m", folder, "-f", "0", "-device", "cpu",
+                    check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "already holds 7 file(s) this run would write: deep flipped.png, deep.png" in done.stderr
+    assert "--overwrite" in done.stderr and "keep.txt" not in done.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_overwrite_replaces_only_what_the_run_writes_and_exits_zero(trained, predicted, tmp_path):
+    env, folder, images, _ = trained
+    _, out = predicted
+    good = tmp_path / "good"
+    good.mkdir()
+    for name in ("plain.png", "scan_0000.jpg"):
+        (good / name).write_bytes((images / name).read_bytes())
+    (out / "plain.png").write_bytes(b"old")
+    npz = (out / "plain.npz").stat().st_mtime_ns
+    done = segframe(env, "predict", "-i", good, "-o", out, "-m", folder, "-device", "cpu", "--overwrite",
+                    "--disable_tta")
+    assert done.returncode == 0 and "wrote 2 prediction(s)" in done.stdout
+    assert np.asarray(Image.open(out / "plain.png")).shape == (64, 64)
+    assert (out / "keep.txt").read_text() == "mine" and (out / "plain.npz").stat().st_mtime_ns == npz
+
+
+def test_no_images_is_an_error_listing_the_folder(trained, tmp_path):
+    env, folder, _, _ = trained
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "readme.md").write_text("x")
+    (tmp_path / "in" / "sub").mkdir()
+    done = segframe(env, "predict", "-i", tmp_path / "in", "-o", tmp_path / "o", "-m", folder,
+                    "-device", "cpu", check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "no images in input folder" in done.stderr and "readme.md, sub/" in done.stderr
+    assert ".jpg" in done.stderr and ".png" in done.stderr and ".tif" in done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_python_api_matches_segframe_predict(trained, predicted):
+    import segframe
+
+    _, folder, images, rgb = trained
+    _, out = predicted
+    notes = []
+    predictor = segframe.Predictor.from_results(folder, folds=[0], device="cpu", notify=notes.append)
+    labels, probabilities = predictor.predict(images / "plain.png", probabilities=True)
+    assert labels.shape == (64, 64) and probabilities.shape == (2, 64, 64)
+    assert np.array_equal(labels, np.asarray(Image.open(out / "plain.png")))
+    np.testing.assert_allclose(probabilities, probs(out, "plain"), atol=1e-6)
+    assert np.array_equal(predictor.predict(rgb), labels)                                    # numpy (H, W, C)
+    with Image.open(images / "opaque.png") as im:
+        assert np.array_equal(predictor.predict(im), labels)                                 # PIL RGBA
+    assert np.array_equal(predictor.predict(images / "gray.bmp"), np.asarray(Image.open(out / "gray.png")))
+    assert predictor.predict(rgb[..., 1]).shape == (64, 64)                                  # numpy (H, W)
+    assert notes.count("gray images: the channel repeated to RGB, as the model was trained on RGB") == 1
+    with pytest.raises(ImageError, match="see_through.png: has transparent pixels"):
+        predictor.predict(images / "see_through.png")
