@@ -231,7 +231,7 @@ def run_demo(data: str, work: str | Path, config: str | Path = DEFAULT_CONFIG, c
     predictions = work / "predictions"
     cmd = [sys.executable, "-m", "segframe.cli", "predict", "-i", str(dataset / "imagesTs"),
            "-o", str(predictions), "-m", str(model_folder), "-f", "0", "-chk", "checkpoint_final.pth",
-           "-device", device]
+           "-device", device, "--overwrite"]  # a re-run replaces its own predictions
     _run(cmd + ([] if tta else ["--disable_tta"]), env)
     done("predict")
 
