@@ -160,3 +160,26 @@ def test_docs_example_is_a_working_plugin(install):
     model = ViTSegModel(validate_config(tiny_config(decoder="mydecoder")), num_classes=2).eval()
     with torch.no_grad():
         assert model(torch.rand(1, 3, 28, 28)).shape == (1, 2, 28, 28)
+
+
+def test_v1_and_v2_distributions_side_by_side(install):
+    """A version-1 distribution written from the README example keeps working unchanged next to
+    docs/plugins.md's version-2 example, each installed as its own distribution."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    v1 = readme[readme.index("## Write a decoder plugin"):].split("```python\n")[1].split("```")[0]
+    doc = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
+    v2 = doc[doc.index("## Contract version 2"):].split("```python\n")[1].split("```")[0]
+    install("segframe-mydecoder", "0.1.0", {"mydecoder": "segframe_mydecoder"}, {"segframe_mydecoder": v1})
+    install("segframe-clsimage", "0.2.0", {"clsimage": "segframe_clsimage"}, {"segframe_clsimage": v2})
+    registry = get_registry()
+    assert registry.decoder("mydecoder").spec.contract == 1
+    assert registry.decoder("clsimage").spec.contract == 2
+    assert registry.decoder("clsimage").distribution == "segframe-clsimage"
+    for decoder in ({"name": "mydecoder", "dropout": 0.2}, {"name": "clsimage", "image_channels": 4}):
+        for backbone in ("dinov2", "dinov3"):
+            model = ViTSegModel(validate_config(tiny_config(backbone, decoder)), num_classes=3).train()
+            out = model(torch.rand(2, 3, 30, 45))
+            assert out.shape == (2, 3, 30, 45)
+            out.mean().backward()
+            assert all(p.grad is not None for p in model.decoder.parameters())
+    assert model.decoder.image.in_channels == 3 and model.decoder.image.out_channels == 4
