@@ -30,6 +30,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/overhead.py --write
 	$(PY) benchmarks/finetune_modes.py --write
+	$(PY) benchmarks/decoders.py --write
 	$(PY) benchmarks/chase_dice.py --data "$(DATA)" --work bench_output --write
 	$(PY) benchmarks/nnunet_step.py --work bench_output --write
 
