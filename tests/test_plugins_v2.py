@@ -84,7 +84,8 @@ def test_prefix_tokens_and_image_match_timm(recorder, backbone):
         model(x)
     seen = model.decoder.seen
     vit, p = model.backbone.vit, model.patch_size
-    mean, std = torch.tensor(model.backbone.mean).view(1, 3, 1, 1), torch.tensor(model.backbone.std).view(1, 3, 1, 1)
+    mean = torch.tensor(model.backbone.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.backbone.std).view(1, 3, 1, 1)
     image = (x - mean) / std
     image = F.pad(image, (0, -45 % p, 0, 0), mode="reflect")
     image = F.pad(image, (0, 0, 0, -30 % p), mode="reflect")
