@@ -125,10 +125,15 @@ def _plugins(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from segframe.config import config_schema, dump_config, load_config
+    import sys
+
+    from segframe.config import check_config, config_schema, dump_config
 
     if args.action == "check":
-        print(dump_config(load_config(args.file)), end="")
+        cfg, notes = check_config(args.file)
+        for note in notes:
+            print(f"segframe config: {note}", file=sys.stderr)
+        print(dump_config(cfg), end="")
     else:
         print(json.dumps(config_schema(), indent=2))
     return 0
@@ -150,6 +155,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     config = subparsers.add_parser("config", help="check a YAML config or print the config schema")
     config.set_defaults(func=_config)
     csub = config.add_subparsers(dest="action", metavar="ACTION", required=True)
-    check = csub.add_parser("check", help="validate FILE and print it with every default filled in")
+    check = csub.add_parser("check", help="validate FILE (all that can be checked without data) and print "
+                                          "it with every default filled in")
     check.add_argument("file", help="YAML config file")
     csub.add_parser("schema", help="print the JSON Schema of the config file (for editor completion)")

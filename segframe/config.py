@@ -223,19 +223,68 @@ def validate_config(data: Any, source: str = "<dict>") -> SegframeConfig:
     return cfg.model_copy(update={"model": cfg.model.model_copy(update=resolved)})
 
 
-def load_config(path: str | Path) -> SegframeConfig:
-    """Read and validate a YAML config file; errors name the file, the key path and the fix."""
-    path = Path(path)
+def _read_yaml(path: Path) -> Any:
+    if path.is_dir():
+        raise ConfigError(f"config path {path} is a directory, not a YAML file; pass the .yaml file itself")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (undecodable byte at offset {exc.start}); save it as "
+            "UTF-8 YAML") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
-    return validate_config(data, str(path))
+
+
+def _check_patch_size(cfg: SegframeConfig, source: str) -> None:
+    size = cfg.train.patch_size
+    if size is not None and (len(size) != 2 or any(v <= 0 for v in size)):
+        raise ConfigError(
+            f"invalid config {source}:\n  train.patch_size: must be two positive integers [H, W] "
+            f"(a 2D patch), got {size}")
+
+
+def load_config(path: str | Path) -> SegframeConfig:
+    """Read and validate a YAML config file; errors name the file, the key path and the fix."""
+    path = Path(path)
+    cfg = validate_config(_read_yaml(path), str(path))
+    _check_patch_size(cfg, str(path))
+    return cfg
+
+
+def check_config(path: str | Path) -> tuple[SegframeConfig, list[str]]:
+    """Everything `load_config` checks, plus what needs the backbone's architecture (`model.layers`
+    against its depth; the backbone is built on the meta device, so no memory or weights). Returns
+    the config and notes for the user (an empty file: all defaults apply)."""
+    path = Path(path)
+    data = _read_yaml(path)
+    notes = [f"config file {path} is empty: all defaults apply"] if data is None else []
+    cfg = load_config(path)
+    if cfg.model.layers is not None:
+        import torch
+
+        from segframe.plugins import get_registry
+
+        spec = get_registry().backbone(cfg.model.backbone.name).spec
+        with torch.device("meta"):
+            backbone = spec.build(cfg.model.backbone_size, cfg.backbone_params(), 3)
+        depth = backbone.num_layers
+        bad = [i for i in cfg.model.layers if not 0 <= i < depth]
+        if bad or not cfg.model.layers:
+            raise ConfigError(
+                f"invalid config {path}:\n  model.layers: {cfg.model.layers} invalid for "
+                f"{cfg.model.backbone.name} {cfg.model.backbone_size} with {depth} blocks: use indices "
+                f"0..{depth - 1} (default {backbone.default_layers})")
+    return cfg, notes
 
 
 def dump_config(cfg: SegframeConfig) -> str:
