@@ -183,6 +183,8 @@ def test_bad_construction_is_a_clear_error(registry):
         build("dinov2", neck="pyramid", layers=[1, 3])
     with pytest.raises(SegframeError, match=r"model.layers \[0, 9\] invalid .* 0\.\.3"):
         build("dinov2", layers=[0, 9])
+    with pytest.raises(SegframeError, match=r"model.layers \[3, 1\] must be strictly increasing.*\[1, 3\]"):
+        build("dinov2", layers=[3, 1])
     with pytest.raises(ConfigError, match="in_channels"):
         build("dinov2", in_channels=0)
 
