@@ -127,6 +127,7 @@ class Backbone(nn.Module):
         intermediate_norm: bool = True,
         layers: list[int] | None = None,
         checkpoint_format: CheckpointFormat | None = None,
+        pos_embed_load_resize: str | None = None,
     ):
         super().__init__()
         self.vit = vit
@@ -141,6 +142,9 @@ class Backbone(nn.Module):
         self.intermediate_norm = intermediate_norm
         self.default_layers = layers or default_layers(self.num_layers)
         self.checkpoint_format = checkpoint_format
+        # files whose learned position embedding is on another square grid are resized with this mode
+        # (see resample_pos_embed) when the family's own loader does so; None = such files are refused
+        self.pos_embed_load_resize = pos_embed_load_resize
         # timm puts the prefix tokens first: the CLS token (if any), then registers / storage tokens
         self.num_prefix_tokens = int(getattr(vit, "num_prefix_tokens", 0))
         self.has_cls_token = getattr(vit, "cls_token", None) is not None
@@ -152,6 +156,13 @@ class Backbone(nn.Module):
             raise SegframeError(
                 f"model.layers {layers} invalid for {self.family} {self.size} with {self.num_layers} blocks: "
                 f"use indices 0..{self.num_layers - 1} (default {self.default_layers})"
+            )
+        if list(layers) != sorted(set(layers)):
+            # heads read levels shallow to deep (the last is the deepest), and blocks after the
+            # deepest one are frozen: an unsorted list would leave trainable blocks without gradient
+            raise SegframeError(
+                f"model.layers {layers} must be strictly increasing block indices, shallow to deep, "
+                f"e.g. {sorted(set(layers))}"
             )
         return list(layers)
 
@@ -194,8 +205,19 @@ class Backbone(nn.Module):
             raise CheckpointError(f"backbone {self.family} does not support loading checkpoint files")
         return self.checkpoint_format
 
+    def _file_grid(self, pos: torch.Tensor) -> tuple[int, int] | None:
+        """The square grid of a file's position embedding that `pos_embed_load_resize` accepts, or None."""
+        model_pos = self.vit.pos_embed
+        grid = tuple(self.vit.patch_embed.grid_size)
+        prefix = model_pos.shape[1] - grid[0] * grid[1]
+        if self.pos_embed_load_resize is None or pos.ndim != 3 or pos.shape[-1] != model_pos.shape[-1]:
+            return None
+        side = round((pos.shape[1] - prefix) ** 0.5)
+        return (side, side) if side > 0 and side * side == pos.shape[1] - prefix else None
+
     def _check_geometry(self, sd: dict[str, torch.Tensor]) -> None:
-        """Refuse files whose patch size or position grid differ (timm would silently resample them)."""
+        """Refuse files whose patch size or position grid differ (timm would silently resample them);
+        a square grid is accepted for families whose own loader resizes it (`pos_embed_load_resize`)."""
         w = sd.get("patch_embed.proj.weight")
         want = self.vit.patch_embed.proj.weight
         if w is not None and w.ndim == 4 and tuple(w.shape[-2:]) != tuple(want.shape[-2:]):
@@ -217,7 +239,7 @@ class Backbone(nn.Module):
         if pos is not None and model_pos is not None:
             n = model_pos.shape[1]
             allowed = {n, n + 1} if getattr(self.vit, "no_embed_class", False) else {n}
-            if pos.ndim != 3 or pos.shape[1] not in allowed:
+            if (pos.ndim != 3 or pos.shape[1] not in allowed) and self._file_grid(pos) is None:
                 grid = self.vit.patch_embed.grid_size
                 got = pos.shape[1] if pos.ndim == 3 else tuple(pos.shape)
                 raise CheckpointError(
@@ -238,10 +260,31 @@ class Backbone(nn.Module):
         sd, _ = state_dict_from(raw, fmt.containers)
         return self._convert(sd, fmt)
 
+    def _resize_pos_embed(self, sd: dict[str, torch.Tensor]) -> list[str]:
+        """Resize a file's position embedding on another square grid as the family's loader does."""
+        pos, model_pos = sd.get("pos_embed"), getattr(self.vit, "pos_embed", None)
+        if pos is None or model_pos is None or pos.shape[1] in (model_pos.shape[1], model_pos.shape[1] + 1):
+            return []
+        old = self._file_grid(pos)
+        grid = tuple(self.vit.patch_embed.grid_size)
+        prefix = model_pos.shape[1] - grid[0] * grid[1]
+        sd["pos_embed"] = resample_pos_embed(pos, grid, old, prefix, self.pos_embed_load_resize)
+        how = {"plain": "bicubic, no antialias", "offset": "bicubic, +0.1 offset",
+               "antialias": "antialiased bicubic"}[self.pos_embed_load_resize]
+        return [f"position embedding resized from the file's {old[0]}x{old[1]} grid to {grid[0]}x{grid[1]} "
+                f"({how}, as {self.family}'s own loader does)"]
+
     def _convert(self, sd: dict[str, torch.Tensor], fmt: CheckpointFormat) -> tuple[dict, list[str]]:
+        out, dropped, _ = self._convert_noted(sd, fmt)
+        return out, dropped
+
+    def _convert_noted(self, sd: dict[str, torch.Tensor], fmt: CheckpointFormat) -> tuple[dict, list[str],
+                                                                                          list[str]]:
         drop = re.compile("|".join(f"(?:{p})" for p in fmt.drop)) if fmt.drop else None
         dropped = sorted(k for k in sd if drop and drop.match(k))
         self._check_geometry(sd)
+        sd = dict(sd)
+        notes = self._resize_pos_embed(sd)
         kept = {k: v for k, v in sd.items() if k not in dropped or k in fmt.converter_needs}
         try:
             out = dict(fmt.filter_fn(dict(kept), self.vit))
@@ -261,7 +304,7 @@ class Backbone(nn.Module):
                     f"cannot adapt the file's {w.shape[1]}-channel patch embedding to "
                     f"in_chans={self.in_chans}"
                 ) from None
-        return out, dropped
+        return out, dropped, notes
 
     def _target_keys(self) -> dict[str, str]:
         """timm key -> key in `self.vit.state_dict()`; peft wraps `qkv` as `qkv.base_layer` + adapters."""
@@ -285,7 +328,7 @@ class Backbone(nn.Module):
         raw = read_checkpoint(path, trust=trust)
         try:
             sd, source = state_dict_from(raw, fmt.containers)
-            out, dropped = self._convert(sd, fmt)
+            out, dropped, notes = self._convert_noted(sd, fmt)
         except CheckpointError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
         keys = self._target_keys()
@@ -312,7 +355,8 @@ class Backbone(nn.Module):
                 + (f"; official {self.family} files: {fmt.files}" if fmt.files else "")
                 + ". Check model.backbone, model.backbone_size and the backbone options."
             )
-        report = LoadReport(str(path), source, loaded=sorted(out), dropped=dropped, missing=missing)
+        report = LoadReport(str(path), source, loaded=sorted(out), dropped=dropped, missing=missing,
+                            notes=notes)
         return {keys[k]: v for k, v in out.items()}, report
 
     def load_checkpoint(self, path: str | Path, trust: bool = False, strict: bool = True) -> LoadReport:

@@ -33,11 +33,14 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # conversions done, e.g. a resized position embedding
 
     def summary(self) -> str:
         """One line: counts, and the dropped/missing keys grouped by pattern."""
         line = (f"checkpoint {self.path} ({self.source}): loaded {len(self.loaded)}, "
                 f"dropped {len(self.dropped)}, missing {len(self.missing)}")
+        if self.notes:
+            line += "; " + "; ".join(self.notes)
         if self.dropped:
             line += f"; dropped {group_keys(self.dropped)}"
         if self.missing:

@@ -78,7 +78,10 @@ def build(size: str, params: RetFoundParams, in_chans: int = 3) -> Backbone:
     # fc_norm), and MAE's norm was trained to feed the pixel decoder: features stay un-normed.
     # DINOv2: the final norm is part of what DINOv2 trains, as in the dinov2 family.
     return Backbone(vit, family="retfound", size=size, patch_size=PATCH[params.variant],
-                    intermediate_norm=params.variant == "dinov2", checkpoint_format=FORMATS[params.variant])
+                    intermediate_norm=params.variant == "dinov2", checkpoint_format=FORMATS[params.variant],
+                    # RETFound's main_finetune.py resizes any square grid (MAE's interpolate_pos_embed:
+                    # bicubic, no antialias, exact size) for both releases
+                    pos_embed_load_resize="plain")
 
 
 SPEC = BackboneSpec(
