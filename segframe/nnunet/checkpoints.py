@@ -180,8 +180,8 @@ def readable_checkpoint(fold_dir: Path, first: str, trust: bool = False, fallbac
             skipped.append(str(exc))
             continue
         return other, checkpoint, f"{problem}; continuing from {other.name} (the newest readable one) instead"
-    raise CheckpointError("; ".join(skipped) + f"; no readable checkpoint left in {fold_dir} (the files are "
-                          "left as they are): train again with --overwrite")
+    raise CheckpointError(f"cannot continue from {fold_dir}: " + "; ".join(skipped) + "; no readable "
+                          "checkpoint left (the files are left as they are): train again with --overwrite")
 
 
 def expected_weights(plans: dict[str, Any], configuration: str,
