@@ -7,7 +7,7 @@ plugin's own `params` model, so a third-party decoder gets the same checking.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -43,19 +43,13 @@ class DetailConfig(_Strict):
         False, description="add a light conv path on the image (strides 1, 2, 4, 8) that joins the head's "
         "logits U-Net style on the way back to full resolution (replaces model.upsampler)",
     )
-    channels: list[int] = Field(
+    channels: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [32, 32, 64, 64], min_length=4, max_length=4,
         description="widths at strides 1, 2, 4, 8 (encoder and decoder)",
     )
     norm: Literal["instance", "group", "batch"] = Field(
         "instance", description="normalisation in the path: instance (as nnU-Net), group or batch"
     )
-
-    @model_validator(mode="after")
-    def _positive(self) -> DetailConfig:
-        if any(c < 1 for c in self.channels):
-            raise ValueError(f"channels must all be >= 1, got {self.channels}")
-        return self
 
 
 class ModelConfig(_Strict):
