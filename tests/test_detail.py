@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -331,3 +333,34 @@ def test_short_training_recovers_one_pixel_lines_only_with_the_detail_path():
         torch.set_num_threads(threads)
     assert with_detail > 0.8, with_detail
     assert without < 0.5, without
+
+
+def test_autocast_bfloat16_on_cpu():
+    model = build("dinov2", neck="pyramid").eval()
+    x = torch.rand(1, 3, 30, 44)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert out.shape == ref.shape
+    err = (out.float() - ref).abs().max().item()
+    assert err < 0.05 * ref.abs().max().item(), err  # bfloat16 keeps ~3 significant digits
+
+
+def test_benchmark_rows_for_any_decoder():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from chase_dice import row_config
+
+    demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    label, cfg = row_config("upernet+detail+p256", demo)
+    assert cfg.model.detail.enabled and cfg.model.neck == "pyramid" and cfg.train.patch_size == [256, 256]
+    assert label == "DINOv3-S + UperNet 128 (pyramid neck) + detail, patch 256x256"
+    label, cfg = row_config("segformer", demo)
+    assert not cfg.model.detail.enabled and cfg.model.neck == "identity"
+    assert cfg.train.patch_size == [192, 192]
+    assert cfg.model.decoder.params["hidden_size"] == 128 and cfg.train == demo.train.model_copy(
+        update={"patch_size": [192, 192], "batch_size": 2})
+    with pytest.raises(ConfigError, match="unknown decoder 'nope'"):
+        row_config("nope+detail", demo)
+    with pytest.raises(ConfigError, match="unknown option 'wide'"):
+        row_config("upernet+wide", demo)
