@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def _png_header(path: Path) -> tuple[int, int] | None:
     return head[24], head[25]
 
 
-def _from_pil(im) -> np.ndarray:
+def from_pil(im: Any) -> np.ndarray:
     """Pixels of a PIL image at their stored depth: (H, W) or (H, W, C)."""
     if im.mode == "1":
         im = im.convert("L")
@@ -80,7 +81,7 @@ def read_image(path: str | Path) -> np.ndarray:
                 if getattr(im, "n_frames", 1) > 1:
                     raise ImageError(f"{path}: has {im.n_frames} frames; a 2D image (one frame) is needed")
                 im.load()
-                array = _from_pil(im)
+                array = from_pil(im)
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, RuntimeError, EOFError) as exc:
@@ -104,7 +105,7 @@ def _read_tiff(path: Path) -> np.ndarray:
     except Exception:  # a codec tifffile lacks: PIL may still read it
         with Image.open(path) as im:
             im.load()
-            return _from_pil(im)
+            return from_pil(im)
 
 
 def read_pil(path: str | Path, mode: str) -> np.ndarray:

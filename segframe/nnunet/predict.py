@@ -197,9 +197,9 @@ class Predictor:
             name = name or str(image)
             array = read_image(image)
         elif hasattr(image, "mode") and hasattr(image, "getbands"):  # a PIL image
-            from segframe.images import _from_pil
+            from segframe.images import from_pil
 
-            array = _from_pil(image)
+            array = from_pil(image)
         else:
             array = np.asarray(image)
         data, notes = self.spec.convert(array, name or "image")
