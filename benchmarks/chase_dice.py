@@ -102,6 +102,32 @@ def timed(cmd: list[str], env: dict) -> float:
     return time.perf_counter() - start
 
 
+def table(rows: list, args: argparse.Namespace, source: str) -> list[str]:
+    """The markdown table of the rows measured so far."""
+    lines = [
+        f"## Vessel Dice on CHASE_DB1 after the same budget ({args.epochs} epochs x {args.iterations} "
+        f"iterations, patch {PATCH[0]}x{PATCH[1]} unless the row says otherwise, batch 2, random init, CPU)",
+        "",
+        machine("cpu") + f"; data: {source.split(' from ')[0]}",
+        "",
+        "Test split (8 images), first-observer references, means inside the FOV; no mirroring at prediction. "
+        "Train time includes nnU-Net's final validation of fold 0 (4 images, mirrored). clDice: centerline "
+        "Dice (Shit et al., CVPR 2021); thin sens.: recall of reference vessel pixels of local width <= 2 px "
+        "(docs/data.md). `+ detail`: model.detail with its defaults (docs/detail.md).",
+        "",
+        "| model | params (M) | train (s) | predict (s) | Dice | clDice | thin sens. | IoU | sensitivity "
+        "| specificity | accuracy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, params, train_s, predict_s, m in rows:
+        lines.append(
+            f"| {label} | {params / 1e6:.1f} | {train_s:.0f} | {predict_s:.0f} | {m['dice']:.4f} | "
+            f"{m['cldice']:.4f} | {m['thin_sensitivity']:.4f} | {m['iou']:.4f} | {m['sensitivity']:.4f} | "
+            f"{m['specificity']:.4f} | {m['accuracy']:.4f} |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_data = ROOT.parent / "shared" / "data" / "CHASEDB1"
@@ -189,33 +215,13 @@ def main() -> None:
                      if v.is_floating_point() and "running_" not in k)
         metrics = evaluate_folders(out, refs, fov)["mean"]
         rows.append((label, params, train_s, predict_s, metrics))
+        # written after every row, so a long run keeps what it measured if a later row fails
+        (work / "chase_dice.md").write_text("\n".join(table(rows, args, source)) + "\n")
         print(f"{label}: Dice {metrics['dice']:.4f}, clDice {metrics['cldice']:.4f}, thin-vessel "
               f"sensitivity {metrics['thin_sensitivity']:.4f}, train {train_s:.0f} s, "
               f"predict {predict_s:.0f} s", flush=True)
 
-    lines = [
-        f"## Vessel Dice on CHASE_DB1 after the same budget ({args.epochs} epochs x {args.iterations} "
-        f"iterations, patch {PATCH[0]}x{PATCH[1]} unless the row says otherwise, batch 2, random init, CPU)",
-        "",
-        machine("cpu") + f"; data: {source.split(' from ')[0]}",
-        "",
-        "Test split (8 images), first-observer references, means inside the FOV; no mirroring at prediction. "
-        "Train time includes nnU-Net's final validation of fold 0 (4 images, mirrored). clDice: centerline "
-        "Dice (Shit et al., CVPR 2021); thin sens.: recall of reference vessel pixels of local width <= 2 px "
-        "(docs/data.md). `+ detail`: model.detail with its defaults (docs/detail.md).",
-        "",
-        "| model | params (M) | train (s) | predict (s) | Dice | clDice | thin sens. | IoU | sensitivity "
-        "| specificity | accuracy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for label, params, train_s, predict_s, m in rows:
-        lines.append(
-            f"| {label} | {params / 1e6:.1f} | {train_s:.0f} | {predict_s:.0f} | {m['dice']:.4f} | "
-            f"{m['cldice']:.4f} | {m['thin_sensitivity']:.4f} | {m['iou']:.4f} | {m['sensitivity']:.4f} | "
-            f"{m['specificity']:.4f} | {m['accuracy']:.4f} |"
-        )
-    (work / "chase_dice.md").write_text("\n".join(lines) + "\n")
-    publish("chase-dice-cpu", lines, args.write)
+    publish("chase-dice-cpu", table(rows, args, source), args.write)
 
 
 if __name__ == "__main__":
