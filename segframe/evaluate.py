@@ -147,11 +147,11 @@ def evaluate_folders(pred: str | Path, ref: str | Path, fov: str | Path | None =
     cases = {}
     for name, ref_path in refs.items():
         try:
-            counts = confusion(_read(preds[name]), _read(ref_path), _read(fovs[name]) if fovs else None)
+            masks = _read(preds[name]), _read(ref_path), _read(fovs[name]) if fovs else None
+            counts = confusion(*masks)
         except EvaluationError as exc:  # name the case and its files
             files = [preds[name], ref_path] + ([fovs[name]] if fovs else [])
             raise EvaluationError(f"case {name}: {exc} ({', '.join(map(str, files))})") from None
-        masks = _read(preds[name]), _read(ref_path), _read(fovs[name]) if fovs else None
         cases[name] = {**metrics_from_counts(counts), **thin_metrics(*masks), **counts}
     mean = {m: float(np.nanmean([c[m] for c in cases.values()])) for m in METRICS}
     return {"cases": cases, "mean": mean, "inside_fov": fovs is not None}
