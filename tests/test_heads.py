@@ -1,0 +1,143 @@
+"""Every installed decoder under what users give it: odd image sizes on patch 14 and 16, 1/3/N input
+channels, LoRA with a frozen backbone, and DDP as nnU-Net runs it (no unused trainable parameter).
+
+Decoders come from the registry, so each plugin under plugins/ is covered once installed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import tiny_config
+
+from segframe.config import validate_config
+from segframe.errors import ConfigError
+from segframe.model import ViTSegModel
+from segframe.plugins import get_registry
+
+DECODERS = list(get_registry().decoders())
+
+
+# small but valid settings for heads whose defaults are heavy on a CPU
+SMALL = {"mask2former": {"num_queries": 8, "decoder_layers": 2, "pixel_decoder_layers": 1, "num_points": 256}}
+
+
+def section(name: str) -> dict:
+    fields = get_registry().decoder(name).spec.params.model_fields
+    return {"name": name, **({"hidden_size": 32} if "hidden_size" in fields else {}), **SMALL.get(name, {})}
+
+
+def build(decoder: str, backbone: str = "dinov2", in_channels: int = 3, num_classes: int = 2, **extra):
+    torch.manual_seed(0)
+    cfg = tiny_config(backbone, section(decoder))
+    cfg.update({k: v for k, v in extra.items() if k in ("lora",)})
+    cfg["model"].update({k: v for k, v in extra.items() if k != "lora"})
+    return ViTSegModel(validate_config(cfg), in_channels=in_channels, num_classes=num_classes)
+
+
+def loss_of(model: ViTSegModel, out, target: torch.Tensor) -> torch.Tensor:
+    """nnU-Net's view: the head's own loss if it owns one, else a loss on the logits."""
+    if model.owns_loss:
+        return model.training_loss(out, target[:, None])[0]
+    return torch.nn.functional.cross_entropy(out, target)
+
+
+def test_six_decoders_each_from_its_own_distribution():
+    found = get_registry().decoders()
+    assert {"upernet", "segformer", "dpt", "unetr", "primus", "linear"} <= set(found), sorted(found)
+    dists = {name: reg.distribution for name, reg in found.items()}
+    assert all(dist == f"segframe-{name}" for name, dist in dists.items() if name in (
+        "upernet", "segformer", "dpt", "unetr", "primus", "linear", "mask2former")), dists
+
+
+@pytest.mark.parametrize("backbone", ["dinov2", "dinov3"])  # patch 14 and 16
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_odd_sizes_and_channel_counts(decoder, backbone):
+    for channels in (1, 3, 5):
+        model = build(decoder, backbone, in_channels=channels, num_classes=3).eval()
+        for h, w in ((97, 131), (1, 300), (1, 1)):
+            with torch.no_grad():
+                out = model(torch.rand(1, channels, h, w))
+            assert out.shape == (1, 3, h, w), (channels, h, w, out.shape)
+            assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_lora_with_a_frozen_backbone_trains_adapters_and_head(decoder):
+    model = build(decoder, "dinov3", freeze_backbone=True, lora={"enabled": True, "r": 2}).train()
+    with torch.no_grad():  # live adapters, so their A matrices get a gradient too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable)
+    assert not any(n.startswith("backbone.") and "lora_" not in n for n in trainable)
+    loss = loss_of(model, model(torch.rand(2, 3, 40, 56)), torch.randint(0, 2, (2, 40, 56)))
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not no_grad, no_grad
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_pyramid_neck_is_used_or_refused_clearly(decoder):
+    try:
+        model = build(decoder, "dinov3", neck="pyramid").eval()
+    except ConfigError as exc:
+        assert "model.neck" in str(exc), exc
+        return
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 97, 131)).shape == (1, 2, 97, 131)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    result = {}
+    for decoder in DECODERS:
+        model = build(decoder, "dinov2", lora={"enabled": True, "r": 2})
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1)
+        # as nnU-Net wraps it: without find_unused_parameters an unused trainable parameter is an error
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        torch.manual_seed(1 + rank)  # each rank sees other data
+        try:
+            for _ in range(2):
+                x, y = torch.rand(2, 3, 28, 42), torch.randint(0, 2, (2, 28, 42))
+                loss = loss_of(model, ddp(x), y)
+                if model.auxiliary_logits is not None:
+                    loss = loss + 0.4 * torch.nn.functional.cross_entropy(model.auxiliary_logits, y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        except RuntimeError as exc:
+            raise RuntimeError(f"decoder {decoder}: {exc}") from None
+        result[decoder] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_every_decoder_two_cpu_processes(tmp_path):
+    """Ranks end equal and every trainable parameter moved (none unused), for every decoder."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for decoder in DECODERS:
+        initial = dict(build(decoder, "dinov2", lora={"enabled": True, "r": 2}).named_parameters())
+        trained = ranks[0][decoder]
+        assert trained and trained.keys() == ranks[1][decoder].keys()
+        for name, value in trained.items():
+            torch.testing.assert_close(value, ranks[1][decoder][name], msg=f"{decoder}: {name} differs")
+        still = [n for n, v in trained.items() if "lora_B" not in n and torch.equal(v, initial[n].detach())]
+        assert not still, f"{decoder}: parameters that did not train: {still}"
