@@ -34,9 +34,9 @@ class Mask2FormerParams(BaseModel):
 
     num_queries: PositiveInt = Field(100, description="object queries (at least num_classes)")
     hidden_size: PositiveInt = Field(
-        256, multiple_of=32,
-        description="width of the pixel decoder, mask features and queries (Mask2Former's hidden_dim; "
-                    "a multiple of 32 for its GroupNorms)",
+        256, multiple_of=2,
+        description="width of the pixel decoder, mask features and queries (Mask2Former's hidden_dim); "
+                    "even; GroupNorms use 32 groups for multiples of 32 from 64, fewer below",
     )
     num_heads: PositiveInt = Field(8, description="attention heads (hidden_size must be divisible by it)")
     decoder_layers: PositiveInt = Field(

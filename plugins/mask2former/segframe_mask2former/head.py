@@ -9,6 +9,9 @@ map from mask classification to per-class logits for nnU-Net.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -40,31 +43,48 @@ def mask2former_config(params: Any, num_classes: int) -> Mask2FormerConfig:
     )
 
 
-class OneValueGroupNorm(nn.GroupNorm):
-    """nn.GroupNorm that also takes groups of a single value (one channel per group on a 1x1
-    map, e.g. hidden_size 32 on a one-patch input), which torch refuses: such a value normalises
-    to 0, so the output is the bias, as the formula gives. Same parameters as nn.GroupNorm."""
+def group_norm_groups(width: int) -> int:
+    """Groups of the pixel decoder's GroupNorms: transformers' 32 for widths that are multiples of 32
+    from 64 up (the original); fewer below, so every group keeps at least 2 channels. A group of
+    one channel would cancel the conv bias in front of it (no gradient) and cannot normalise a
+    1x1 map (a one-patch input)."""
+    return 32 if width % 32 == 0 and width >= 64 else math.gcd(32, width // 2)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[1] // self.num_groups * x[0, 0].numel() > 1:
-            return super().forward(x)
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        return (x - x) * self.weight.view(shape) + self.bias.view(shape)
+
+class _GroupNormByWidth:
+    """torch.nn, except that GroupNorm(32, width) is built with group_norm_groups(width) groups."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(nn, name)
+
+    @staticmethod
+    def GroupNorm(num_groups: int, num_channels: int, **kwargs: Any) -> nn.GroupNorm:  # noqa: N802
+        return nn.GroupNorm(group_norm_groups(num_channels), num_channels, **kwargs)
+
+
+@contextmanager
+def _group_norm_groups_by_width() -> Iterator[None]:
+    """While transformers' pixel decoder is built: its hard-coded GroupNorm(32, width) takes
+    `group_norm_groups(width)` groups (the same for widths 64, 96, ...; torch refuses 32 groups
+    for a width of 16)."""
+    m2f.nn = _GroupNormByWidth()
+    try:
+        yield
+    finally:
+        m2f.nn = nn
 
 
 class Mask2FormerParts(m2f.Mask2FormerPreTrainedModel):
     """transformers' pixel decoder + transformer module + class predictor, initialised by
-    transformers' own `_init_weights` (through `post_init`). The pixel decoder's GroupNorms
-    become `OneValueGroupNorm` (same weights), so any input size down to 1x1 runs."""
+    transformers' own `_init_weights` (through `post_init`). The pixel decoder's GroupNorms use
+    `group_norm_groups(width)` groups (32, as transformers, for widths 64, 96, ...)."""
 
     def __init__(self, config: Mask2FormerConfig, feature_channels: list[int]):
         super().__init__(config)
-        self.pixel_decoder = m2f.Mask2FormerPixelDecoder(config, feature_channels=feature_channels)
+        with _group_norm_groups_by_width():
+            self.pixel_decoder = m2f.Mask2FormerPixelDecoder(config, feature_channels=feature_channels)
         self.transformer_module = m2f.Mask2FormerTransformerModule(config.feature_size, config)
         self.class_predictor = nn.Linear(config.hidden_dim, config.num_labels + 1)
-        for module in self.pixel_decoder.modules():
-            if type(module) is nn.GroupNorm:
-                module.__class__ = OneValueGroupNorm
         self.post_init()
 
     def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
