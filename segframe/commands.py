@@ -62,6 +62,9 @@ def plugin_listing() -> dict[str, Any]:
             }
             if kind == "backbones":
                 entry["sizes"] = list(reg.spec.sizes)
+            else:
+                entry["contract"] = reg.spec.contract
+                entry["inputs"] = sorted(reg.spec.inputs)
             entry["params"] = describe_params(reg.spec.params)
             listing[kind].append(entry)
     listing["broken"] = [{"plugin": name, "error": error} for name, error in registry.broken.items()]
@@ -78,6 +81,9 @@ def format_listing(listing: dict[str, Any]) -> str:
             lines.append(f"  {e['name']}  ({e['distribution']} {e['version']})  {e['description']}")
             if "sizes" in e:
                 lines.append(f"      sizes: {', '.join(e['sizes'])}")
+            if e.get("contract", 1) > 1:
+                extra = ", ".join(e["inputs"]) or "features only"
+                lines.append(f"      contract {e['contract']}; inputs: {extra}")
             for p in e["params"]:
                 default = json.dumps(p["default"])
                 lines.append(f"      {p['name']}: {p['type']} = {default}  {p['description']}")

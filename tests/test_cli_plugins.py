@@ -17,6 +17,8 @@ def test_plugins_lists_decoders_and_backbones(capsys):
     assert "hidden_size: int = 256" in out
     assert "dinov2  (segframe 0.1.0)" in out and "sizes: small, base, large" in out
     assert "failed to load" not in out
+    dpt = out[out.index("  dpt  (segframe-dpt 0.1.0)"):]
+    assert dpt.splitlines()[1].strip() == "contract 2; inputs: prefix_tokens"
 
 
 def test_plugins_json(capsys):
@@ -26,6 +28,8 @@ def test_plugins_json(capsys):
     assert segformer["distribution"] == "segframe-segformer"
     dropout = next(p for p in segformer["params"] if p["name"] == "dropout")
     assert (dropout["type"], dropout["default"]) == ("float", 0.1) and dropout["description"]
+    contracts = {d["name"]: (d["contract"], d["inputs"]) for d in listing["decoders"]}
+    assert contracts["segformer"] == (1, []) and contracts["unetr"] == (2, ["image"])
     dinov2 = next(b for b in listing["backbones"] if b["name"] == "dinov2")
     assert "tiny" in dinov2["sizes"]
     assert listing["broken"] == []
