@@ -8,7 +8,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from segframe.errors import CheckpointError, ConfigError, PluginError, SegframeError
-from segframe.plugins import BackboneSpec, DecoderSpec, hookimpl
+from segframe.plugins import BackboneSpec, DecoderInputs, DecoderSpec, HeadContext, hookimpl
 
 __version__ = "0.1.0"
 
@@ -29,7 +29,9 @@ __all__ = [
     "BackboneSpec",
     "CheckpointError",
     "ConfigError",
+    "DecoderInputs",
     "DecoderSpec",
+    "HeadContext",
     "PluginError",
     "Predictor",
     "SegframeError",
