@@ -8,7 +8,8 @@ them, nnU-Net's building blocks), then decodes from stride 8 to stride 1 U-Net s
 decoder stage reads the upsampled previous stage, the encoder features of its stride and the
 head's logits resized to that stride (so any head output stride works: 16, 3.5, 0.875, ...).
 A 1x1 conv gives class logits that are added to the bilinear upsampling of the head's logits
-(a residual path: the head's prediction always reaches the output directly).
+(a residual path); the last conv starts small, so the model starts close to "head + bilinear"
+and the path learns the detail on top.
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ class DetailPath(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, a=0.01)
-        # the last conv gets the same full-scale init, not a near-zero one: with AdamW at a ViT's
-        # learning rate (~3e-4 per step) a 0.01-scale output would keep the path mute for hundreds
-        # of steps (measured: 1-px line Dice 0.0 after 150 steps, 0.95 with this init)
+        # small, not zero: every parameter gets a gradient from the first step (DDP, liveness). A
+        # full-scale init learnt 1-px lines faster at lr 3e-4 but did worse on generated vessels
+        # (docs/detail.md, "Choosing the defaults")
+        nn.init.normal_(self.out.weight, std=0.01)
         nn.init.zeros_(self.out.bias)
 
     def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
