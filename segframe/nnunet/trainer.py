@@ -198,9 +198,11 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
             self.print_to_log_file(f"continuing at epoch {self.current_epoch} from the nnU-Net checkpoint")
         m = cfg.model
         lora = cfg.lora
+        way_back = (f"detail path {m.detail.channels}" if model.detail is not None
+                    else f"upsampler {type(model.upsampler).__name__}")
         self.print_to_log_file(
             f"segframe: backbone {m.backbone.name} {m.backbone_size} (layers {model.layers}), decoder "
-            f"{m.decoder.name}, neck {m.neck}, upsampler {m.upsampler}, freeze_backbone {m.freeze_backbone}, "
+            f"{m.decoder.name}, neck {m.neck}, {way_back}, freeze_backbone {m.freeze_backbone}, "
             "LoRA " + (f"r={lora.r} alpha={lora.lora_alpha} dropout={lora.lora_dropout} on "
                        f"{lora.target_modules}" if lora.enabled else "off"))
         self.print_to_log_file(
