@@ -139,6 +139,9 @@ def main() -> None:
     parser.add_argument("--rows", "--only", nargs="+", default=DEFAULT_ROWS, metavar="ROW",
                         help="unet, or DECODER[+detail][+pN] for any installed decoder (see the docstring)")
     parser.add_argument("--check", action="store_true", help="build every row's model, then exit")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take rows an interrupted run of the same command finished (work/rows/ROW.json) "
+                             "instead of training them again")
     parser.add_argument("--write", action="store_true", help="also update this section of BENCHMARKS.md")
     args = parser.parse_args()
 
@@ -174,9 +177,16 @@ def main() -> None:
     rows = []
     images, refs, fov = dataset / "imagesTs", dataset / "labelsTs", dataset / "fovTs"
     results = Path(env["nnUNet_results"]) / dataset.name
+    done_rows = work / "rows"
+    done_rows.mkdir(exist_ok=True)
     for key in dict.fromkeys(args.rows):
         slug = config_tag(key)
         out = work / f"pred_{slug}"
+        record = done_rows / f"{slug}.json"
+        if args.reuse and record.is_file():
+            rows.append(tuple(json.loads(record.read_text())))
+            print(f"{key}: reused from {record}", flush=True)
+            continue
         if key == "unet":
             name = "nnUNetPlans_bench_unet"
             base = json.loads((pre / "nnUNetPlans.json").read_text())
@@ -215,6 +225,7 @@ def main() -> None:
                      if v.is_floating_point() and "running_" not in k)
         metrics = evaluate_folders(out, refs, fov)["mean"]
         rows.append((label, params, train_s, predict_s, metrics))
+        record.write_text(json.dumps(rows[-1]))
         # written after every row, so a long run keeps what it measured if a later row fails
         (work / "chase_dice.md").write_text("\n".join(table(rows, args, source)) + "\n")
         print(f"{label}: Dice {metrics['dice']:.4f}, clDice {metrics['cldice']:.4f}, thin-vessel "
