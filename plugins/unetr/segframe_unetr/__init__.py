@@ -67,16 +67,11 @@ class UnetBasicBlock(nn.Module):
         return self.lrelu(self.norm2(self.conv2(x)))
 
 
-class UnetResBlock(nn.Module):
+class UnetResBlock(UnetBasicBlock):
     """The basic block with a residual (1x1 conv + norm where the width changes), MONAI `UnetResBlock`."""
 
     def __init__(self, cin: int, cout: int, norm: str):
-        super().__init__()
-        self.conv1 = _conv(cin, cout, 3)
-        self.conv2 = _conv(cout, cout, 3)
-        self.lrelu = nn.LeakyReLU(0.01, inplace=True)
-        self.norm1 = _norm(norm, cout)
-        self.norm2 = _norm(norm, cout)
+        super().__init__(cin, cout, norm)
         self.downsample = cin != cout
         if self.downsample:
             self.conv3 = _conv(cin, cout, 1)
