@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from segframe.upsample import norm_groups
+
 STRIDES = (1, 2, 4, 8)
 
 
@@ -26,7 +28,7 @@ def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "instance":
         return nn.InstanceNorm2d(channels, affine=True)
     if kind == "group":
-        return nn.GroupNorm(next(g for g in (8, 4, 2, 1) if channels % g == 0), channels)
+        return nn.GroupNorm(norm_groups(channels), channels)
     return nn.BatchNorm2d(channels)
 
 

@@ -91,7 +91,8 @@ class BilinearUpsampler(nn.Module):
         return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def _groups(channels: int) -> int:
+def norm_groups(channels: int) -> int:
+    """GroupNorm groups for a width: the largest of 8, 4, 2, 1 that divides it."""
     return next(g for g in (8, 4, 2, 1) if channels % g == 0)
 
 
@@ -116,8 +117,8 @@ class ProgressiveUpsampler(nn.Module):
         for i in range(self.num_stages):
             ch = max(hidden >> i, min_hidden)
             stages.append(nn.Sequential(
-                nn.Conv2d(ch_in, ch, 3, padding=1, bias=False), nn.GroupNorm(_groups(ch), ch), nn.ReLU(),
-                nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.GroupNorm(_groups(ch), ch), nn.ReLU(),
+                nn.Conv2d(ch_in, ch, 3, padding=1, bias=False), nn.GroupNorm(norm_groups(ch), ch), nn.ReLU(),
+                nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.GroupNorm(norm_groups(ch), ch), nn.ReLU(),
             ))
             ch_in = ch
         self.stages = nn.ModuleList(stages)
