@@ -70,8 +70,9 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig]:
         model = demo.model.model_copy(update={
             "neck": "identity", "decoder": demo.model.decoder.model_validate(section)})
         label = f"DINOv3-S + {NAMES.get(decoder, decoder)}" + (" 128" if "hidden_size" in params else "")
+    # set either way: configs/demo.yaml may itself turn the detail path on
+    model = model.model_copy(update={"detail": DetailConfig(enabled=detail)})
     if detail:
-        model = model.model_copy(update={"detail": DetailConfig(enabled=True)})
         label += " + detail"
     train = demo.train.model_copy(update={"patch_size": patch, "batch_size": 2})
     if patch != PATCH:

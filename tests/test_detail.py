@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from segframe import DecoderSpec, hookimpl
-from segframe.config import dump_config, load_config, validate_config
+from segframe.config import DetailConfig, dump_config, load_config, validate_config
 from segframe.detail import DetailPath
 from segframe.errors import ConfigError
 from segframe.model import ViTSegModel
@@ -360,6 +360,9 @@ def test_benchmark_rows_for_any_decoder():
     assert cfg.train.patch_size == [192, 192]
     assert cfg.model.decoder.params["hidden_size"] == 128 and cfg.train == demo.train.model_copy(
         update={"patch_size": [192, 192], "batch_size": 2})
+    on = demo.model.model_copy(update={"detail": DetailConfig(enabled=True)})
+    detailed = demo.model_copy(update={"model": on})
+    assert not row_config("upernet", detailed)[1].model.detail.enabled  # a plain row stays plain
     with pytest.raises(ConfigError, match="unknown decoder 'nope'"):
         row_config("nope+detail", demo)
     with pytest.raises(ConfigError, match="unknown option 'wide'"):
