@@ -251,7 +251,8 @@ def run_demo(data: str, work: str | Path, config: str | Path = DEFAULT_CONFIG, c
     summary = {
         "data": source,
         "dataset": str(dataset),
-        "model": f"{cfg.model.backbone.name} {cfg.model.backbone_size} + {cfg.model.decoder.name}",
+        "model": f"{cfg.model.backbone.name} {cfg.model.backbone_size} + {cfg.model.decoder.name}"
+                 + (" + detail path" if cfg.model.detail.enabled else ""),
         "weights": weights,
         "config": str(used_config),
         "model_folder": str(model_folder),

@@ -23,6 +23,7 @@ def test_demo_config_is_valid():
 
     cfg = load_config(demo.DEFAULT_CONFIG)
     assert cfg.train.patch_size == [192, 192] and cfg.model.checkpoint_path == ""
+    assert cfg.model.detail.enabled  # the best ViT row of the CHASE_DB1 benchmark
 
 
 @pytest.fixture
