@@ -26,7 +26,8 @@ test: install lint
 demo: install
 	$(PY) -m segframe.demo --data "$(DATA)" --work "$(WORK)" $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)")
 
-# the tables of BENCHMARKS.md (random init, CPU unless a GPU is visible); chase_dice trains three models
+# the tables of BENCHMARKS.md (random init, CPU unless a GPU is visible); chase_dice trains nine
+# models (about 2.5 hours on 2 cores; --reuse in benchmarks/chase_dice.py resumes an interrupted run)
 bench: install
 	$(PY) benchmarks/overhead.py --write
 	$(PY) benchmarks/finetune_modes.py --write
