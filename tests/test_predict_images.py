@@ -181,11 +181,15 @@ def predicted(trained, tmp_path_factory):
     return done, out
 
 
+def errors_of(done: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in done.stderr.splitlines() if line.startswith("segframe predict: error:")]
+
+
 def test_predict_takes_ordinary_images_and_tells_the_truth(predicted):
     done, out = predicted
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Traceback" not in done.stderr and "FutureWarning" not in done.stderr, done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("segframe predict: error:")]
+    errors = errors_of(done)
     assert len(errors) == 3, done.stderr
     assert "broken.png: cannot read the image (" in errors[0]
     assert "see_through.png: has transparent pixels" in errors[1]
@@ -242,6 +246,30 @@ def test_overwrite_replaces_only_what_the_run_writes_and_exits_zero(trained, pre
     assert done.returncode == 0 and "wrote 2 prediction(s)" in done.stdout
     assert np.asarray(Image.open(out / "plain.png")).shape == (64, 64)
     assert (out / "keep.txt").read_text() == "mine" and (out / "plain.npz").stat().st_mtime_ns == npz
+
+
+def test_serial_run_writes_what_the_threaded_default_wrote(trained, predicted, tmp_path):
+    """The fixture ran with the default -npp 3 -nps 3; one reader and one writer give the same files,
+    errors and notes in the same order (no job is paired with another job's prediction)."""
+    env, folder, images, _ = trained
+    threaded, out = predicted
+    serial = segframe(env, "predict", "-i", images, "-o", tmp_path / "serial", "-m", folder, "-f", "0",
+                      "-device", "cpu", "--save_probabilities", "-npp", "1", "-nps", "1", check=False)
+    assert serial.returncode == 1
+    assert errors_of(serial) == errors_of(threaded) and len(errors_of(serial)) == 3
+    assert sorted(p.name for p in (tmp_path / "serial").iterdir()) == sorted(
+        p.name for p in out.iterdir() if p.name != "keep.txt")
+    for name in GOOD:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "serial" / f"{name}.png")),
+                              np.asarray(Image.open(out / f"{name}.png"))), name
+        np.testing.assert_allclose(probs(tmp_path / "serial", name), probs(out, name), atol=1e-6)
+    def notes(done):  # each conversion note once, whichever reader thread met it first
+        return sorted(line for line in done.stdout.splitlines() if line.startswith("segframe: ")
+                      and not line.startswith(("segframe: predicting", "segframe: wrote")))
+    assert notes(serial) == notes(threaded) and len(notes(serial)) >= 4
+    bad = segframe(env, "predict", "-i", images, "-o", tmp_path / "x", "-m", folder, "-npp", "0", check=False)
+    assert bad.returncode == 2 and "-npp: must be at least 1, got 0" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "x").exists()
 
 
 def test_no_images_is_an_error_listing_the_folder(trained, tmp_path):

@@ -36,6 +36,14 @@ def _device(name: str):
     return torch.device(name)
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse turns the ValueError into a usage error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _check_fold(dataset_dir: Path, fold: str) -> int | str:
     import json
 
@@ -255,8 +263,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="replace files in -o that this run writes (other files are never touched)")
     predict.add_argument("--trust-checkpoint", action="store_true",
                          help="allow checkpoints that need full unpickling (only files you trust)")
-    predict.add_argument("-npp", type=int, default=1, help="unused: images are read one at a time")
-    predict.add_argument("-nps", type=int, default=1, help="unused: masks are written one at a time")
+    predict.add_argument("-npp", type=_positive, default=3,
+                         help="images read ahead (in threads) while the network predicts; default 3")
+    predict.add_argument("-nps", type=_positive, default=3,
+                         help="predictions written at once (in threads) while the next is predicted; "
+                              "default 3")
     predict.set_defaults(func=_predict)
 
     path = subparsers.add_parser(

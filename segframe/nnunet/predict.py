@@ -10,11 +10,15 @@ ordinary images (e.g. `.nii.gz`) are read and written by the plans' own reader/w
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
 import sys
+import threading
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,6 +163,7 @@ class Predictor:
         self.labels = dict(json.loads((model_folder / "dataset.json").read_text())["labels"])
         self.notify = notify or (lambda text: print(f"segframe: {text}", file=sys.stderr, flush=True))
         self._said: set[str] = set()
+        self._lock = threading.Lock()  # `segframe predict -npp` reads images in several threads
 
     @classmethod
     def from_results(cls, folder: str | os.PathLike, folds: list[int | str] | None = None,
@@ -186,10 +191,11 @@ class Predictor:
         return cls(predictor, model_folder, chosen, checkpoint, InputSpec.from_results(model_folder), notify)
 
     def _say(self, notes: list[str]) -> None:
-        for note in notes:
-            if note not in self._said:
-                self._said.add(note)
-                self.notify(note)
+        with self._lock:
+            fresh = [note for note in notes if note not in self._said]
+            self._said.update(fresh)
+        for note in fresh:
+            self.notify(note)
 
     def prepare(self, image: Any, name: str | None = None) -> tuple[np.ndarray, dict]:
         """(C, 1, H, W) float32 and nnU-Net properties from a path, a PIL image or an (H, W[, C]) array."""
@@ -297,15 +303,28 @@ def predict_command(args: argparse.Namespace) -> int:
           f"on {device}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     failed = []
-    for job in jobs:
-        try:
-            data, props = predictor.read_job(job)
-        except ImageError as exc:
-            print(f"segframe predict: error: {exc}", file=sys.stderr, flush=True)
-            failed.append(job.files[0].name)
-            continue
-        seg, probs = predictor.run(data, props, args.save_probabilities)
-        predictor.write(job, out, seg, probs, props)
+    with ThreadPoolExecutor(args.npp) as readers, ThreadPoolExecutor(args.nps) as writers:
+        # -npp images are read ahead while the network predicts; up to -nps masks are being written
+        upcoming, reads, writes = iter(jobs), deque(), deque()
+        for job in itertools.islice(upcoming, args.npp):
+            reads.append((job, readers.submit(predictor.read_job, job)))
+        while reads:
+            job, read = reads.popleft()
+            following = next(upcoming, None)
+            if following is not None:
+                reads.append((following, readers.submit(predictor.read_job, following)))
+            try:
+                data, props = read.result()
+            except ImageError as exc:
+                print(f"segframe predict: error: {exc}", file=sys.stderr, flush=True)
+                failed.append(job.files[0].name)
+                continue
+            seg, probs = predictor.run(data, props, args.save_probabilities)
+            writes.append(writers.submit(predictor.write, job, out, seg, probs, props))
+            while len(writes) > args.nps:
+                writes.popleft().result()
+        for write in writes:
+            write.result()
     done = len(jobs) - len(failed)
     print(f"segframe: wrote {done} prediction(s) to {out}", flush=True)
     if failed:
