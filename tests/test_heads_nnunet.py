@@ -3,8 +3,6 @@ folder predicts with no YAML through `segframe predict` and through stock `nnUNe
 `nnUNet_extTrainer`, pixel for pixel the same. Learning itself is tested in test_nnunet.py.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,43 +11,21 @@ import pytest
 import yaml
 from PIL import Image
 
-from segframe.data.common import write_dataset
 from segframe.plugins import get_registry
 
 sys.path.insert(0, str(Path(__file__).parent))
+from nnunet_discs import BIN, TRAINER, nnunet_env, run  # noqa: E402
 from test_heads import section  # noqa: E402
-from test_nnunet import disc_case  # noqa: E402
 
 DATASET = 991
 NAME = "Dataset991_HeadDiscs"
-TRAINER = "nnUNetTrainerSegframe"
-BIN = Path(sys.executable).parent
 DECODERS = list(get_registry().decoders())
-
-
-def run(env: dict, *cmd) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("heads")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", nnUNet_compile="f")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        env[var] = str(root / var)
-        (root / var).mkdir()
-    env.pop("nnUNet_extTrainer", None)
-    rng = np.random.default_rng(1)
-    write_dataset(root / "nnUNet_raw", DATASET, "HeadDiscs",
-                  train=(disc_case(rng, f"tr_{i:03d}", 48) for i in range(10)),
-                  test=(disc_case(rng, f"ts_{i:03d}", 48) for i in range(2)),
-                  description="discs on noise", reference="generated", licence="CC0")
-    run(env, BIN / "nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", "1")
-    env["nnUNet_n_proc_DA"] = "0"  # augmentation in the training process: 2-core CI machines
-    env["root"] = str(root)
-    return env
+    return nnunet_env(tmp_path_factory.mktemp("heads"), DATASET, "HeadDiscs", train=10, test=2, size=48,
+                      seed=1)
 
 
 @pytest.mark.parametrize("decoder", DECODERS)

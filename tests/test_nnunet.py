@@ -5,7 +5,6 @@ The dataset is bright discs on noise (64x64 RGB PNG, labels background/disc) wri
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,14 +15,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from nnunet_discs import BIN, TRAINER, nnunet_env, run, segframe, write_yaml
 from PIL import Image
-
-from segframe.data.common import Case, write_dataset
 
 DATASET = 990
 NAME = "Dataset990_Discs"
-TRAINER = "nnUNetTrainerSegframe"
-BIN = Path(sys.executable).parent
 
 LEARN = {
     "model": {"backbone": "dinov2", "backbone_size": "tiny",
@@ -33,52 +29,9 @@ LEARN = {
 }
 
 
-def disc_case(rng: np.random.Generator, name: str, size: int = 64) -> Case:
-    yy, xx = np.mgrid[:size, :size]
-    label = np.zeros((size, size), bool)
-    for _ in range(rng.integers(1, 4)):
-        r = rng.uniform(5, 12)
-        cy, cx = rng.uniform(r, size - r, 2)
-        label |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-    image = rng.normal(60, 25, (size, size, 3)) + label[..., None] * 120
-    return Case(name, np.clip(image, 0, 255).astype(np.uint8), label, np.ones((size, size), bool))
-
-
-def run(env: dict, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
-    if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
-                             f"{done.stderr[-3000:]}")
-    return done
-
-
-def segframe(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run(env, sys.executable, "-m", "segframe.cli", *args, check=check)
-
-
-def write_yaml(path: Path, cfg: dict) -> Path:
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """nnU-Net folders with the disc dataset planned and preprocessed by nnU-Net's own command."""
-    root = tmp_path_factory.mktemp("nnunet")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", nnUNet_compile="f")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        env[var] = str(root / var)
-        (root / var).mkdir()
-    env.pop("nnUNet_extTrainer", None)
-    rng = np.random.default_rng(0)
-    write_dataset(root / "nnUNet_raw", DATASET, "Discs",
-                  train=(disc_case(rng, f"tr_{i:03d}") for i in range(20)),
-                  test=(disc_case(rng, f"ts_{i:03d}") for i in range(4)),
-                  description="discs on noise", reference="generated", licence="CC0")
-    run(env, BIN / "nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", "1")
-    env["nnUNet_n_proc_DA"] = "0"  # augmentation in the training process: 2-core CI machines
-    env["root"] = str(root)
-    return env
+    return nnunet_env(tmp_path_factory.mktemp("nnunet"), DATASET, "Discs", train=20, test=4)
 
 
 def results(env: dict, plans: str) -> Path:

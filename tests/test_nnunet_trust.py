@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_nnunet import BIN, DATASET, NAME, TRAINER, disc_case, run, segframe, write_yaml
+from nnunet_discs import TRAINER, nnunet_env, segframe, write_yaml
+from test_nnunet import DATASET, NAME
 
-from segframe.data.common import write_dataset
 from segframe.nnunet import lifeline
 from segframe.nnunet.checkpoints import ALLOWED_GLOBALS, atomic_save, load_checkpoint_file
 
@@ -37,23 +37,8 @@ MARKER = "PWNED"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """nnU-Net folders with the disc dataset planned and preprocessed (as tests/test_nnunet.py)."""
-    root = tmp_path_factory.mktemp("trust")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", nnUNet_compile="f", nnUNet_def_n_proc="1",
-               OMP_NUM_THREADS="1")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        env[var] = str(root / var)
-        (root / var).mkdir()
-    env.pop("nnUNet_extTrainer", None)
-    rng = np.random.default_rng(0)
-    write_dataset(root / "nnUNet_raw", DATASET, "Discs",
-                  train=(disc_case(rng, f"tr_{i:03d}") for i in range(12)),
-                  test=(disc_case(rng, f"ts_{i:03d}") for i in range(2)),
-                  description="discs on noise", reference="generated", licence="CC0")
-    run(env, BIN / "nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", "1")
-    env["nnUNet_n_proc_DA"] = "0"
-    env["root"] = str(root)
-    return env
+    return nnunet_env(tmp_path_factory.mktemp("trust"), DATASET, "Discs", train=12, test=2,
+                      nnUNet_def_n_proc="1", OMP_NUM_THREADS="1")
 
 
 def results(env: dict, tag: str) -> Path:

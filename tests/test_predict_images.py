@@ -5,51 +5,27 @@ results folder (discs on noise, 1 epoch x 2 iterations: the point is input handl
 is shared by the end-to-end tests, one per row of issue 14's table.
 """
 
-import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import yaml
+from nnunet_discs import nnunet_env, segframe
 from PIL import Image
 
-from segframe.data.common import Case, write_dataset
 from segframe.images import ImageError, InputSpec, read_image
 
 DATASET = 994
 NAME = "Dataset994_PredictDiscs"
-BIN = Path(sys.executable).parent
 TINY = {
     "model": {"backbone": "dinov2", "backbone_size": "tiny",
               "decoder": {"name": "upernet", "hidden_size": 16}},
     "train": {"initial_lr": 1e-3, "num_epochs": 1, "num_iterations_per_epoch": 2,
               "num_val_iterations_per_epoch": 1, "warmup_epochs": 0, "batch_size": 2, "patch_size": [48, 48]},
 }
-
-
-def disc_case(rng: np.random.Generator, name: str, size: int = 64) -> Case:
-    yy, xx = np.mgrid[:size, :size]
-    r = rng.uniform(6, 12)
-    cy, cx = rng.uniform(r, size - r, 2)
-    label = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-    image = rng.normal(60, 25, (size, size, 3)) + label[..., None] * 120
-    return Case(name, np.clip(image, 0, 255).astype(np.uint8), label, np.ones((size, size), bool))
-
-
-def run(env: dict, *cmd, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
-    if check and done.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
-                             f"{done.stderr[-3000:]}")
-    return done
-
-
-def segframe(env: dict, *args, check: bool = True) -> subprocess.CompletedProcess:
-    return run(env, sys.executable, "-m", "segframe.cli", *args, check=check)
 
 
 # ------------------------------------------------------------------ conversions, no model needed
@@ -127,19 +103,7 @@ def test_unreadable_files_are_one_line_errors(tmp_path):
 def trained(tmp_path_factory):
     """A tiny trained segframe results folder, the env to run commands in, and test images."""
     root = tmp_path_factory.mktemp("predict")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", nnUNet_compile="f")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        env[var] = str(root / var)
-        (root / var).mkdir()
-    env.pop("nnUNet_extTrainer", None)
-    env.pop("PYTHONWARNINGS", None)
-    rng = np.random.default_rng(0)
-    write_dataset(root / "nnUNet_raw", DATASET, "PredictDiscs",
-                  train=(disc_case(rng, f"tr_{i:03d}") for i in range(6)),
-                  test=(disc_case(rng, f"ts_{i:03d}") for i in range(2)))
-    run(env, BIN / "nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", "1")
-    env["nnUNet_n_proc_DA"] = "0"  # augmentation in the training process (set after planning, which
-    # would pass 0 to torch.set_num_threads)
+    env = nnunet_env(root, DATASET, "PredictDiscs", train=6, test=2)
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     segframe(env, "train", DATASET, "2d", "0", "--config", config, "-device", "cpu")

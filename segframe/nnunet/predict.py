@@ -191,11 +191,11 @@ class Predictor:
         return cls(predictor, model_folder, chosen, checkpoint, InputSpec.from_results(model_folder), notify)
 
     def _say(self, notes: list[str]) -> None:
-        with self._lock:
-            fresh = [note for note in notes if note not in self._said]
-            self._said.update(fresh)
-        for note in fresh:
-            self.notify(note)
+        with self._lock:  # one reader thread at a time, so two notes never interleave in a line
+            for note in notes:
+                if note not in self._said:
+                    self._said.add(note)
+                    self.notify(note)
 
     def prepare(self, image: Any, name: str | None = None) -> tuple[np.ndarray, dict]:
         """(C, 1, H, W) float32 and nnU-Net properties from a path, a PIL image or an (H, W[, C]) array."""

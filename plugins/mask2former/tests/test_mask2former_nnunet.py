@@ -1,10 +1,10 @@
 """Mask2Former end to end in nnU-Net v2 on CPU: `segframe train` (its own loss through
 `model.training_loss`), killed after the first epoch and continued with `--c`, learns the disc
 dataset; `segframe predict` and stock `nnUNetv2_predict` give identical outputs from the results
-folder with no YAML. The helpers are those of tests/test_nnunet.py (bright discs on noise, 64x64)."""
+folder with no YAML. The disc dataset and helpers are segframe's tests/nnunet_discs.py (this
+plugin's tests run in the segframe repository)."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,12 +16,11 @@ import torch
 import yaml
 from PIL import Image
 
-from segframe.data.common import Case, write_dataset
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))  # segframe's test helpers
+from nnunet_discs import BIN, TRAINER, nnunet_env, run, segframe  # noqa: E402
 
 DATASET = 992
 NAME = "Dataset992_Discs"
-TRAINER = "nnUNetTrainerSegframe"
-BIN = Path(sys.executable).parent
 EPOCHS, ITERATIONS = 6, 10
 # Dice on held-out cases that shows the head learned: predicting all background gives 0, all
 # foreground about 0.2 (discs cover ~10% of an image); a thresholded image gives ~0.95. Measured:
@@ -36,47 +35,9 @@ CONFIG = {
 }
 
 
-def disc_case(rng: np.random.Generator, name: str, size: int = 64) -> Case:
-    yy, xx = np.mgrid[:size, :size]
-    label = np.zeros((size, size), bool)
-    for _ in range(rng.integers(1, 4)):
-        r = rng.uniform(5, 12)
-        cy, cx = rng.uniform(r, size - r, 2)
-        label |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-    image = rng.normal(60, 25, (size, size, 3)) + label[..., None] * 120
-    return Case(name, np.clip(image, 0, 255).astype(np.uint8), label, np.ones((size, size), bool))
-
-
-def run(env: dict, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
-    if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
-                             f"{done.stderr[-3000:]}")
-    return done
-
-
-def segframe(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run(env, sys.executable, "-m", "segframe.cli", *args, check=check)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """nnU-Net folders with the disc dataset planned and preprocessed by nnU-Net's own command."""
-    root = tmp_path_factory.mktemp("nnunet_m2f")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", nnUNet_compile="f")
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        env[var] = str(root / var)
-        (root / var).mkdir()
-    env.pop("nnUNet_extTrainer", None)
-    rng = np.random.default_rng(0)
-    write_dataset(root / "nnUNet_raw", DATASET, "Discs",
-                  train=(disc_case(rng, f"tr_{i:03d}") for i in range(20)),
-                  test=(disc_case(rng, f"ts_{i:03d}") for i in range(4)),
-                  description="discs on noise", reference="generated", licence="CC0")
-    run(env, BIN / "nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", "1")
-    env["nnUNet_n_proc_DA"] = "0"  # augmentation in the training process: 2-core CI machines
-    env["root"] = str(root)
-    return env
+    return nnunet_env(tmp_path_factory.mktemp("nnunet_m2f"), DATASET, "Discs", train=20, test=4)
 
 
 @pytest.fixture(scope="module")
