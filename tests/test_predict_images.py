@@ -167,6 +167,7 @@ def test_predict_takes_ordinary_images_and_tells_the_truth(predicted):
                  "skipped 1 file(s) that are not images: notes.txt"):
         assert done.stdout.count(note) == 1, (note, done.stdout)
     assert "in_channels" not in done.stdout + done.stderr
+    assert "perform_everything_on_device" not in done.stdout  # nnU-Net's line about an option we never set
 
 
 def probs(out: Path, name: str) -> np.ndarray:

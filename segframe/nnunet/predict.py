@@ -10,6 +10,8 @@ ordinary images (e.g. `.nii.gz`) are read and written by the plans' own reader/w
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -182,11 +184,12 @@ class Predictor:
         use_ext_trainer()
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-        predictor = nnUNetPredictor(
-            tile_step_size=step_size, use_gaussian=True, use_mirroring=mirroring,
-            perform_everything_on_device=torch_device.type == "cuda", device=torch_device, verbose=False,
-            allow_tqdm=progress,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # off CUDA it prints that it turned off
+            predictor = nnUNetPredictor(                   # perform_everything_on_device, which we never set
+                tile_step_size=step_size, use_gaussian=True, use_mirroring=mirroring,
+                perform_everything_on_device=torch_device.type == "cuda", device=torch_device, verbose=False,
+                allow_tqdm=progress,
+            )
         initialize(predictor, model_folder, chosen, checkpoint, trust_checkpoint)
         return cls(predictor, model_folder, chosen, checkpoint, InputSpec.from_results(model_folder), notify)
 
