@@ -184,8 +184,9 @@ class Predictor:
         use_ext_trainer()
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-        with contextlib.redirect_stdout(io.StringIO()):  # off CUDA it prints that it turned off
-            predictor = nnUNetPredictor(                   # perform_everything_on_device, which we never set
+        # off CUDA, nnU-Net prints that it turned off perform_everything_on_device, which we never set
+        with contextlib.redirect_stdout(io.StringIO()):
+            predictor = nnUNetPredictor(
                 tile_step_size=step_size, use_gaussian=True, use_mirroring=mirroring,
                 perform_everything_on_device=torch_device.type == "cuda", device=torch_device, verbose=False,
                 allow_tqdm=progress,
