@@ -1,4 +1,5 @@
-"""`segframe plugins` and `segframe config`: list plugins, show their parameter schemas, check configs."""
+"""`segframe plugins` and `segframe config`: list plugins, show their parameter schemas, check and migrate
+configs."""
 
 from __future__ import annotations
 
@@ -140,6 +141,14 @@ def _config(args: argparse.Namespace) -> int:
         for note in notes:
             print(f"segframe config: {note}", file=sys.stderr)
         print(dump_config(cfg), end="")
+    elif args.action == "migrate":
+        from segframe.migrate import migrate_file
+
+        result = migrate_file(args.file, args.output, overwrite=args.overwrite)
+        print(f"{args.file} -> {args.output}:")
+        print("\n".join(result.lines))
+        left = f"{result.left_out} key(s) left out, listed above" if result.left_out else "no key left out"
+        print(f"wrote {args.output}: {left}; it passes `segframe config check`")
     else:
         print(json.dumps(config_schema(), indent=2))
     return 0
@@ -158,10 +167,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("name", help="decoder or backbone name (see `segframe plugins`)")
     show.add_argument("--kind", choices=["decoder", "backbone"], help="needed only if the name is both")
 
-    config = subparsers.add_parser("config", help="check a YAML config or print the config schema")
+    config = subparsers.add_parser("config", help="check or migrate a YAML config, or print its schema")
     config.set_defaults(func=_config)
     csub = config.add_subparsers(dest="action", metavar="ACTION", required=True)
     check = csub.add_parser("check", help="validate FILE (all that can be checked without data) and print "
                                           "it with every default filled in")
     check.add_argument("file", help="YAML config file")
     csub.add_parser("schema", help="print the JSON Schema of the config file (for editor completion)")
+    migrate = csub.add_parser(
+        "migrate", help="convert a config of the older nnU-Net fork (model.model_path) to a segframe config",
+        description="Write the segframe config equivalent to FILE, a config of the older nnU-Net fork, and "
+                    "say for every key what became of it (kept, renamed, or left out). The result is checked "
+                    "as `segframe config check` does before it is written; see docs/migrate.md.")
+    migrate.add_argument("file", help="the fork's YAML config")
+    migrate.add_argument("-o", "--output", required=True, help="segframe YAML file to write")
+    migrate.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")

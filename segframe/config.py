@@ -144,7 +144,8 @@ class SegframeConfig(_Strict):
         if isinstance(model, dict) and "model_path" in model:
             raise ValueError(
                 "model.model_path is no longer supported: name the head with `decoder:` "
-                "(e.g. `decoder: upernet`; see `segframe plugins`)"
+                "(e.g. `decoder: upernet`; see `segframe plugins`), or convert the whole file from the "
+                "older nnU-Net fork with `segframe config migrate OLD.yaml -o NEW.yaml`"
             )
         return v
 
