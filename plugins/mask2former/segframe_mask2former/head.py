@@ -25,9 +25,6 @@ from segframe import ConfigError
 from segframe.plugins import DecoderInputs, HeadContext
 from segframe.upsample import FeaturePyramidNeck
 
-# probabilities below this become this before the log (keeps eval logits finite, argmax unchanged above it)
-MIN_PROBABILITY = 1e-30
-
 
 def mask2former_config(params: Any, num_classes: int) -> Mask2FormerConfig:
     """The transformers config of the head: one width everywhere, strides 4..32 (relative)."""
@@ -113,12 +110,19 @@ def targets_from_dense(
 
 def valid_pixel_points(valid: Tensor, num_points: int) -> Tensor:
     """`num_points` random pixel centres (x, y) in [0, 1]^2 of the True pixels of each map
-    (N, H, W) -> (N, num_points, 2); bilinear sampling at a pixel centre reads that pixel only."""
+    (N, H, W) -> (N, num_points, 2); read them with `read_pixels`."""
     n, h, w = valid.shape
     index = torch.multinomial(valid.flatten(1).to(torch.float32), num_points, replacement=True)
     x = (index % w).to(torch.float32).add_(0.5) / w
     y = torch.div(index, w, rounding_mode="floor").to(torch.float32).add_(0.5) / h
     return torch.stack([x, y], dim=-1)
+
+
+def read_pixels(maps: Tensor, points: Tensor) -> Tensor:
+    """The values of `maps` (N, C, H, W) at the pixel centres `points` (N, P, 2) -> (N, C, P).
+    Nearest, not bilinear: rounding puts a computed centre a few ulps off, and bilinear sampling
+    would then read (and send gradient to) a neighbour with a weight of ~1e-7."""
+    return m2f.sample_point(maps, points, align_corners=False, mode="nearest")
 
 
 class ValidPixelMatcher(m2f.Mask2FormerHungarianMatcher):
@@ -141,8 +145,8 @@ class ValidPixelMatcher(m2f.Mask2FormerHungarianMatcher):
             points = valid_pixel_points(self.valid[i][None], self.num_points)
             pred = masks_queries_logits[i][:, None]
             target = mask_labels[i].to(pred)[:, None]
-            pred = m2f.sample_point(pred, points.expand(len(pred), -1, -1), align_corners=False)[:, 0]
-            target = m2f.sample_point(target, points.expand(len(target), -1, -1), align_corners=False)[:, 0]
+            pred = read_pixels(pred, points.expand(len(pred), -1, -1))[:, 0]
+            target = read_pixels(target, points.expand(len(target), -1, -1))[:, 0]
             cost = (self.cost_mask * m2f.pair_wise_sigmoid_cross_entropy_loss(pred, target)
                     + self.cost_class * cost_class + self.cost_dice * m2f.pair_wise_dice_loss(pred, target))
             big = torch.finfo(cost.dtype).max
@@ -193,7 +197,7 @@ class IgnoreAwareMask2FormerLoss(m2f.Mask2FormerLoss):
         valid = self.valid[src_idx[0]]
         with torch.no_grad():
             candidates = valid_pixel_points(valid, int(self.num_points * self.oversample_ratio))
-            candidate_logits = m2f.sample_point(pred_masks, candidates, align_corners=False)
+            candidate_logits = read_pixels(pred_masks, candidates)
             uncertainty = self.calculate_uncertainty(candidate_logits)
             num_uncertain = int(self.importance_sample_ratio * self.num_points)
             top = torch.topk(uncertainty[:, 0, :], k=num_uncertain, dim=1)[1]
@@ -201,8 +205,8 @@ class IgnoreAwareMask2FormerLoss(m2f.Mask2FormerLoss):
             if self.num_points > num_uncertain:
                 rest = valid_pixel_points(valid, self.num_points - num_uncertain)
                 points = torch.cat([points, rest], dim=1)
-            point_labels = m2f.sample_point(target_masks, points, align_corners=False).squeeze(1)
-        point_logits = m2f.sample_point(pred_masks, points, align_corners=False).squeeze(1)
+            point_labels = read_pixels(target_masks, points).squeeze(1)
+        point_logits = read_pixels(pred_masks, points).squeeze(1)
         return {
             "loss_mask": m2f.sigmoid_cross_entropy_loss(point_logits, point_labels, num_masks),
             "loss_dice": m2f.dice_loss(point_logits, point_labels, num_masks),
@@ -213,14 +217,18 @@ def semantic_logits(class_queries_logits: Tensor, masks_queries_logits: Tensor,
                     size: tuple[int, int]) -> Tensor:
     """Mask2Former's semantic inference as logits for nnU-Net.
 
-    p_k = sum_q softmax(class_q)[k] * sigmoid(mask_q) (the no-object class dropped, masks
-    upsampled bilinearly to `size` first), then logits = log(max(p_k, 1e-30)). log is monotonic,
-    so softmax + argmax of these logits give Mask2Former's argmax_k p_k. Computed in float32.
+    p_k = sum_q softmax(class_q)[k] * sigmoid(mask_q) (softmax over the K + 1 classes, the
+    no-object class then dropped; masks upsampled bilinearly to `size` first), and logits =
+    log p_k, computed in log space: logsumexp_q(log_softmax(class_q)[k] + logsigmoid(mask_q)).
+    So they are finite, and exact also where p_k itself is below float32's range (every mask
+    logit below about -87 at a pixel); softmax + argmax give Mask2Former's argmax_k p_k.
+    Computed in float32, one class at a time (memory of one (B, Q, H, W) map).
     """
     masks = F.interpolate(masks_queries_logits.float(), size=size, mode="bilinear", align_corners=False)
-    classes = class_queries_logits.float().softmax(-1)[..., :-1]
-    probs = torch.einsum("bqk,bqhw->bkhw", classes, masks.sigmoid())
-    return probs.clamp_min(MIN_PROBABILITY).log()
+    log_masks = F.logsigmoid(masks)
+    log_classes = class_queries_logits.float().log_softmax(-1)[..., :-1]
+    return torch.stack([torch.logsumexp(log_classes[:, :, k, None, None] + log_masks, dim=1)
+                        for k in range(log_classes.shape[-1])], dim=1)
 
 
 class Mask2FormerHead(nn.Module):
@@ -297,8 +305,9 @@ class Mask2FormerHead(nn.Module):
 
         Targets: per image one mask per class present (background included). Pixels at
         `ignore_index` (padding, nnU-Net's ignore label) are excluded (see
-        `IgnoreAwareMask2FormerLoss`). Returns the weighted total and its parts: class, mask, dice
-        of the last layer, and `auxiliary` (the earlier layers, with deep supervision).
+        `IgnoreAwareMask2FormerLoss`). Returns the weighted total and its parts, each the term
+        itself: class, mask, dice of the last layer, and, with deep supervision only, `auxiliary`
+        (the earlier layers' weighted terms, summed).
         """
         labels = target[:, 0]
         mask_labels, class_labels = targets_from_dense(labels, ignore_index)
@@ -311,8 +320,9 @@ class Mask2FormerHead(nn.Module):
         # weighted as transformers' get_loss_dict: "loss_mask_3" takes the weight of "loss_mask"
         weighted = {k: v * next(w for name, w in self.weight_dict.items() if name in k)
                     for k, v in losses.items()}
-        total = sum(weighted.values())
-        parts = {"class": weighted["loss_cross_entropy"], "mask": weighted["loss_mask"],
-                 "dice": weighted["loss_dice"]}
-        parts["auxiliary"] = total - sum(parts.values())
-        return total, {k: v.detach() for k, v in parts.items()}
+        last = {"class": "loss_cross_entropy", "mask": "loss_mask", "dice": "loss_dice"}
+        parts = {name: weighted[key] for name, key in last.items()}
+        earlier = [v for k, v in weighted.items() if k not in last.values()]  # "loss_mask_0", ...
+        if earlier:
+            parts["auxiliary"] = sum(earlier)
+        return sum(weighted.values()), {k: v.detach() for k, v in parts.items()}

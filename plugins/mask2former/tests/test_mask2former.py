@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from pydantic import BaseModel
 from segframe_mask2former import Mask2FormerParams, build
 from segframe_mask2former.head import (
@@ -112,6 +113,13 @@ def dense_target(size: int = 64) -> torch.Tensor:
     return t
 
 
+def decided(scores: torch.Tensor, rel: float = 1e-5) -> torch.Tensor:
+    """Pixels whose two best class scores (B, K, H, W) differ by more than `rel` of the best:
+    there the argmax cannot turn on float rounding."""
+    top2 = scores.topk(2, dim=1).values
+    return top2[:, 0] - top2[:, 1] > rel * top2[:, 0].abs()
+
+
 def hand_targets(t: torch.Tensor):
     masks, classes = [], []
     for image in t[:, 0]:
@@ -161,13 +169,14 @@ def test_loss_equals_transformers(deep_supervision):
     torch.manual_seed(7)
     theirs = ref(torch.zeros(2, 3, 64, 64), mask_labels=mask_labels, class_labels=class_labels,
                  output_auxiliary_logits=True, output_hidden_states=True)
-    if not deep_supervision:  # transformers' wrapper always adds the layers; its criterion can leave them out
-        torch.manual_seed(7)
-        parts = ref.criterion(theirs.masks_queries_logits, theirs.class_queries_logits, mask_labels,
-                              class_labels)
-        expected = sum(v * ref.weight_dict[k] for k, v in parts.items())
-    else:
-        expected = theirs.loss
+    # transformers' weighted terms; its wrapper always adds the layers, its get_loss_dict can leave them out
+    torch.manual_seed(7)
+    terms = ref.get_loss_dict(theirs.masks_queries_logits, theirs.class_queries_logits, mask_labels,
+                              class_labels, theirs.auxiliary_logits if deep_supervision else None)
+    terms = {k: v.detach() for k, v in terms.items()}
+    expected = sum(terms.values())
+    if deep_supervision:
+        torch.testing.assert_close(expected, theirs.loss.detach())
     outputs = {"class_queries_logits": theirs.class_queries_logits,
                "masks_queries_logits": theirs.masks_queries_logits,
                "auxiliary_predictions": theirs.auxiliary_logits}
@@ -175,8 +184,17 @@ def test_loss_equals_transformers(deep_supervision):
     loss, parts = head.training_loss(outputs, target, ignore_index=K)
     assert torch.isfinite(loss) and loss > 0
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    # each part is transformers' term itself (the earlier layers' summed), and they add up to the loss
+    last = {"class": "loss_cross_entropy", "mask": "loss_mask", "dice": "loss_dice"}
+    for name, key in last.items():
+        torch.testing.assert_close(parts[name], terms[key], rtol=1e-5, atol=1e-5)
+    if deep_supervision:
+        earlier = sum(v for k, v in terms.items() if k not in last.values())
+        torch.testing.assert_close(parts["auxiliary"], earlier, rtol=1e-5, atol=1e-5)
+        assert parts["auxiliary"] > 0.1 * loss
+    else:
+        assert set(parts) == set(last)  # no auxiliary part, not a rounding residual
     torch.testing.assert_close(sum(parts.values()), loss.detach(), rtol=1e-5, atol=1e-5)
-    assert (parts["auxiliary"] > 0) == deep_supervision
     # and through our own forward (outputs equal to 1e-4, so the loss to a little more)
     torch.manual_seed(7)
     own, _ = head.training_loss(head.predictions(maps), target, ignore_index=K)
@@ -226,6 +244,7 @@ def _ignore_case(perturb: str):
     head = ours()
     target = dense_target(24)
     target[0, 0, :, 18:] = K  # ignored strip (nnU-Net's ignore label / padding)
+    target[0, 0, :, 1] = K  # bilinear reads of columns 0 and 2 would leak into it (centres a few ulps off)
     target[1, 0, 20:, :] = K
     ignored = target[:, 0] == K
     masks = torch.randn(2, 10, 24, 24)
@@ -285,8 +304,29 @@ def test_semantic_logits_give_mask2formers_segmentation():
     scores = torch.stack([p.segmentation_scores for p in post])
     assert logits.shape == (2, K, 384, 384)
     torch.testing.assert_close(logits.exp(), scores, rtol=1e-4, atol=1e-6)
-    assert torch.equal(logits.softmax(1).argmax(1), torch.stack([p.segmentation for p in post]))
+    sure = decided(scores)
+    assert sure.float().mean() > 0.999
+    segmentation = torch.stack([p.segmentation for p in post])
+    assert torch.equal(logits.softmax(1).argmax(1)[sure], segmentation[sure])
     assert torch.isfinite(semantic_logits(classes, torch.full_like(masks, -1e4), (384, 384))).all()
+
+
+def test_semantic_logits_keep_the_argmax_where_every_mask_is_far_off():
+    """Every mask logit far below -87 (p_k below float32's range at every pixel): the logits are
+    log p_k of a float64 computation of Mask2Former's scores, and their argmax is its argmax on
+    every pixel whose two best classes float32 can tell apart (p_k in float32, or clamped before
+    the log, would make all K logits equal there: every pixel class 0)."""
+    g = torch.Generator().manual_seed(0)
+    classes = 3 * torch.randn(2, 10, K + 1, generator=g)
+    masks = -150 + 5 * torch.randn(2, 10, 24, 24, generator=g)
+    logits = semantic_logits(classes, masks, (48, 48))
+    up = F.interpolate(masks.double(), size=(48, 48), mode="bilinear", align_corners=False)
+    p = torch.einsum("bqk,bqhw->bkhw", classes.double().softmax(-1)[..., :-1], up.sigmoid())
+    assert p.max() < torch.finfo(torch.float32).tiny and p.min() > 0  # representable in float64 only
+    sure = decided(p, 1e-3)  # float32 logits are within ~3e-5 of log p here: 1e-3 decides
+    assert sure.float().mean() > 0.99
+    assert torch.equal(logits.argmax(1)[sure], p.argmax(1)[sure])
+    torch.testing.assert_close(logits.double(), p.log(), rtol=1e-6, atol=1e-4)
 
 
 def test_model_eval_output_is_the_semantic_segmentation():
@@ -299,9 +339,12 @@ def test_model_eval_output_is_the_semantic_segmentation():
         logits = model(x)
         raw = model.decoder.predictions(model._head_inputs(model.pad(model._normalize(x))).features)
     assert logits.shape == (1, 3, 380, 383) and model.decoder.output_stride == 1
-    post = Mask2FormerImageProcessor().post_process_semantic_segmentation(SimpleNamespace(**raw))[0]
-    agree = (logits.argmax(1)[0] == post[:380, :383]).float().mean()
-    assert agree == 1
+    post = Mask2FormerImageProcessor().post_process_semantic_segmentation(
+        SimpleNamespace(**raw), return_segmentation_scores=True)[0]
+    scores = post.segmentation_scores[None, :, :380, :383]
+    sure = decided(scores)[0]
+    assert sure.float().mean() > 0.999
+    assert torch.equal(logits.argmax(1)[0][sure], post.segmentation[:380, :383][sure])
 
 
 # ---------------------------------------------------------------- the model with this head
