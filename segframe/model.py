@@ -280,7 +280,8 @@ class ViTSegModel(nn.Module):
     def load_pretrained(
         self, path: str | Path | None = None, trust: bool | None = None, strict: bool = True
     ) -> LoadReport | None:
-        """Load the official backbone file (default: config model.checkpoint_path / trust_checkpoint).
+        """Load the backbone weights: an official, timm or Hugging Face file, or a Hugging Face model folder
+        (default: config model.checkpoint_path / trust_checkpoint).
 
         Works with and without LoRA adapters (peft's `qkv.base_layer.weight` names are mapped;
         adapters are left alone). Returns the backbone's `LoadReport`, or None when no path is

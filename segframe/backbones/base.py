@@ -1,7 +1,8 @@
 """The Backbone interface every family implements: a timm ViT plus what the model needs to know.
 
 Also holds what the families share: loading official checkpoints through timm's own
-converters (`Backbone.convert_state_dict` / `load_checkpoint`) and resizing learned
+converters (`Backbone.convert_state_dict` / `load_checkpoint`; timm state dicts and Hugging Face
+DINOv2/DINOv3 folders are renamed to the official layout first, see hf.py) and resizing learned
 position embeddings the way each family's own code does (`set_pos_embed_resize`).
 """
 
@@ -22,9 +23,10 @@ from segframe.backbones.checkpoint import (
     CheckpointFormat,
     LoadReport,
     describe_layout,
-    read_checkpoint,
+    read_weights,
     state_dict_from,
 )
+from segframe.backbones.hf import ARCHITECTURES, check_hf_config, hf_model_type, hf_to_official, read_json
 from segframe.errors import CheckpointError, ConfigError, SegframeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -248,17 +250,20 @@ class Backbone(nn.Module):
                     "matching model.backbone / backbone_size"
                 )
 
-    def convert_state_dict(self, raw: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """Official checkpoint contents -> (timm-named state dict for `self.vit`, dropped file keys).
+    def convert_state_dict(
+        self, raw: dict, config: dict | None = None
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Checkpoint contents -> (timm-named state dict for `self.vit`, dropped file keys).
 
-        `raw` is what `read_checkpoint` returns (a state dict or a training checkpoint dict).
-        Pretraining-only keys (heads, decoders, mask tokens, ...) are dropped; the rest go
+        `raw` is what `read_checkpoint` returns (a state dict or a training checkpoint dict), in
+        the official, timm or (with its config.json contents as `config`, if any) Hugging Face
+        layout. Pretraining-only keys (heads, decoders, mask tokens, ...) are dropped; the rest go
         through timm's own converter for the model's module. Nothing is loaded here, so the
         model can map these keys onto a peft-wrapped backbone itself.
         """
-        fmt = self._format()
-        sd, _ = state_dict_from(raw, fmt.containers)
-        return self._convert(sd, fmt)
+        sd, _ = state_dict_from(raw, self._format().containers)
+        out, dropped, _, _ = self._convert_any(sd, config, "config")
+        return out, dropped
 
     def _resize_pos_embed(self, sd: dict[str, torch.Tensor]) -> list[str]:
         """Resize a file's position embedding on another square grid as the family's loader does."""
@@ -273,10 +278,6 @@ class Backbone(nn.Module):
                "antialias": "antialiased bicubic"}[self.pos_embed_load_resize]
         return [f"position embedding resized from the file's {old[0]}x{old[1]} grid to {grid[0]}x{grid[1]} "
                 f"({how}, as {self.family}'s own loader does)"]
-
-    def _convert(self, sd: dict[str, torch.Tensor], fmt: CheckpointFormat) -> tuple[dict, list[str]]:
-        out, dropped, _ = self._convert_noted(sd, fmt)
-        return out, dropped
 
     def _convert_noted(self, sd: dict[str, torch.Tensor], fmt: CheckpointFormat) -> tuple[dict, list[str],
                                                                                           list[str]]:
@@ -294,7 +295,9 @@ class Backbone(nn.Module):
                 f"it looks like {describe_layout(sd)}"
             ) from None
         if fmt.extra is not None:
-            out.update(fmt.extra(sd))
+            tensors, extra_notes = fmt.extra(sd, self.vit)
+            out.update(tensors)
+            notes = notes + extra_notes
         w = out.get("patch_embed.proj.weight")
         if w is not None and w.ndim == 4 and w.shape[1] != self.in_chans:
             try:
@@ -315,22 +318,61 @@ class Backbone(nn.Module):
             keys[k.replace(".base_layer.", ".")] = k
         return keys
 
+    def _convert_any(
+        self, sd: dict[str, torch.Tensor], config: dict | None, config_name: str
+    ) -> tuple[dict, list[str], list[str], str]:
+        """Any layout the family reads -> (timm state dict, dropped file keys, notes, layout read).
+
+        Hugging Face weights are checked against the backbone (config fields, else tensor shapes)
+        and renamed to the official layout; from there every layout takes the same path.
+        """
+        fmt = self._format()
+        model_type = hf_model_type(sd)
+        if model_type is None:
+            out, dropped, notes = self._convert_noted(sd, fmt)
+            return out, dropped, notes, fmt.layout(sd)
+        if model_type not in fmt.hf_model_types:
+            raise CheckpointError(
+                f"{self.family} does not read this file: it holds {describe_layout(sd)}"
+            )
+        check_hf_config(self, sd, model_type, config, config_name)
+        official, origin = hf_to_official(sd, model_type)
+        out, dropped, notes = self._convert_noted(official, fmt)
+        return out, sorted(origin[k] for k in dropped if k in origin), notes, \
+            f"Hugging Face {ARCHITECTURES[model_type]}"
+
     def prepare_checkpoint(
         self, path: str | Path, trust: bool = False, strict: bool = True
     ) -> tuple[dict[str, torch.Tensor], LoadReport]:
-        """Read, convert and check an official file against this backbone without loading it.
+        """Read, convert and check a weight file or Hugging Face model folder without loading it.
 
         Returns (state dict keyed like `self.vit.state_dict()`, so peft-wrapped names included,
-        report). Raises CheckpointError for unknown keys, shape mismatches and (with `strict`)
-        backbone keys the file lacks.
+        report). Raises CheckpointError for unknown keys, shape mismatches, a Hugging Face config
+        that does not match and (with `strict`) backbone keys the file lacks.
         """
-        fmt = self._format()
-        raw = read_checkpoint(path, trust=trust)
         try:
-            sd, source = state_dict_from(raw, fmt.containers)
-            out, dropped, notes = self._convert_noted(sd, fmt)
+            sd, source, config_path = read_weights(path, self._format().containers, trust=trust)
+            config = None
+            if config_path is not None and hf_model_type(sd):
+                config, source = read_json(config_path), f"{source} + config.json"
+            elif hf_model_type(sd):
+                source += ", no config.json: architecture read from the tensor shapes"
+        except CheckpointError as exc:  # name the file once (reading errors already do)
+            msg = str(exc)
+            raise CheckpointError(msg if str(Path(path)) in msg else f"{path}: {msg}") from None
+        return self.prepare_state_dict(sd, config=config, name=str(path), source=source, strict=strict)
+
+    def prepare_state_dict(
+        self, sd: dict[str, torch.Tensor], *, config: dict | None = None, name: str = "state dict",
+        source: str = "state dict", strict: bool = True,
+    ) -> tuple[dict[str, torch.Tensor], LoadReport]:
+        """`prepare_checkpoint` for tensors already read (`sd`: a flat state dict in any layout the
+        family reads; `config`: the contents of a Hugging Face config.json, if any)."""
+        fmt = self._format()
+        try:
+            out, dropped, notes, layout = self._convert_any(sd, config, "config.json")
         except CheckpointError as exc:
-            raise CheckpointError(f"{path}: {exc}") from None
+            raise CheckpointError(f"{name}: {exc}") from None
         keys = self._target_keys()
         target = self.vit.state_dict()
         missing = sorted(k for k in keys if k not in out)
@@ -350,13 +392,13 @@ class Backbone(nn.Module):
             if shapes:
                 problems.append(f"shape mismatches: {'; '.join(shapes[:6])}")
             raise CheckpointError(
-                f"{path} does not fit {self.family} {self.size}: " + "; ".join(problems)
-                + f". The file looks like {describe_layout(sd)}"
+                f"{name} does not fit {self.family} {self.size}: " + "; ".join(problems)
+                + f" (timm key names, read as {layout}). The file looks like {describe_layout(sd)}"
                 + (f"; official {self.family} files: {fmt.files}" if fmt.files else "")
                 + ". Check model.backbone, model.backbone_size and the backbone options."
             )
-        report = LoadReport(str(path), source, loaded=sorted(out), dropped=dropped, missing=missing,
-                            notes=notes)
+        report = LoadReport(name, source, loaded=sorted(out), dropped=dropped, missing=missing,
+                            notes=notes, format=layout)
         return {keys[k]: v for k, v in out.items()}, report
 
     def load_checkpoint(self, path: str | Path, trust: bool = False, strict: bool = True) -> LoadReport:

@@ -1,9 +1,10 @@
-"""Reading official backbone checkpoint files safely and describing their key layout.
+"""Reading backbone weight files safely and describing their key layout.
 
 `read_checkpoint` opens .pth/.pt/.bin (torch.load with weights_only=True) and .safetensors
-files; `state_dict_from` picks the tensors out of a training checkpoint
-(`teacher`/`student`/`model`/...) and strips DDP/DINO prefixes. Each family describes its
-official layout with a `CheckpointFormat`; `Backbone.convert_state_dict` uses it.
+files; `read_weights` also takes a Hugging Face model folder (see `hf.py`); `state_dict_from`
+picks the tensors out of a training checkpoint (`teacher`/`student`/`model`/...) and strips
+DDP/DINO prefixes. Each family describes its official layout with a `CheckpointFormat`;
+`Backbone.convert_state_dict` uses it. `describe_layout` names the layout a file looks like.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from segframe.backbones.hf import ARCHITECTURES, BACKBONE_HINT, hf_model_type, hf_weight_files
 from segframe.errors import CheckpointError
 
 TRUST_HINT = "set `model.trust_checkpoint: true` in the YAML only if you trust where the file comes from"
@@ -26,18 +28,20 @@ PREFIXES = ("module.", "backbone.", "_orig_mod.")  # DDP, DINO/iBOT multi-crop w
 
 @dataclass
 class LoadReport:
-    """What a checkpoint load did: timm keys loaded, file keys dropped, model keys left missing."""
+    """What a load did: the layout read, timm keys loaded, file keys dropped, model keys left missing."""
 
     path: str
-    source: str
+    source: str  # where in the file: "state dict", "'teacher'", "model.safetensors + config.json", ...
     loaded: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # conversions done, e.g. a resized position embedding
+    format: str = ""  # the layout read: "official dinov3", "timm dinov3", "Hugging Face DINOv3ViTModel", ...
 
     def summary(self) -> str:
-        """One line: counts, and the dropped/missing keys grouped by pattern."""
-        line = (f"checkpoint {self.path} ({self.source}): loaded {len(self.loaded)}, "
+        """One line: layout, counts, and the dropped/missing keys grouped by pattern."""
+        where = f"{self.format}, {self.source}" if self.format else self.source
+        line = (f"checkpoint {self.path} ({where}): loaded {len(self.loaded)}, "
                 f"dropped {len(self.dropped)}, missing {len(self.missing)}")
         if self.notes:
             line += "; " + "; ".join(self.notes)
@@ -55,8 +59,10 @@ class CheckpointFormat:
     `filter_fn` is timm's own converter for the model's module (`checkpoint_filter_fn`).
     `drop` are regexes (matched from the start of a key, after prefix stripping) of
     pretraining-only keys; `converter_needs` are dropped keys that timm's converter still
-    uses to recognise the layout (it removes them itself). `extra(raw)` returns timm-named
-    tensors that timm's converter skips on purpose (e.g. DINOv3's RoPE periods).
+    uses to recognise the layout (it removes them itself). `extra(sd, vit)` returns (timm-named
+    tensors that timm's converter skips on purpose, e.g. DINOv3's RoPE periods, notes for the
+    report). `official_keys`: keys only the official files have (a file without any is reported as
+    timm's layout). `hf_model_types`: the transformers layouts the family reads (see hf.py).
     """
 
     family: str
@@ -64,8 +70,16 @@ class CheckpointFormat:
     containers: tuple[str, ...] = ("teacher", "student", "model", "state_dict", "module")
     drop: tuple[str, ...] = ()
     converter_needs: frozenset[str] = frozenset()
-    extra: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    extra: Callable[[dict[str, torch.Tensor], torch.nn.Module],
+                    tuple[dict[str, torch.Tensor], list[str]]] | None = None
     files: str = ""  # official file names, for error messages
+    official_keys: tuple[str, ...] = ()
+    hf_model_types: tuple[str, ...] = ()
+
+    def layout(self, sd: Mapping[str, Any]) -> str:
+        """'official <family>' or, for a file without the official-only keys, 'timm <family>'."""
+        timm = self.official_keys and not any(k in sd for k in self.official_keys)
+        return f"{'timm' if timm else 'official'} {self.family}"
 
 
 def group_keys(keys: list[str], limit: int = 6) -> str:
@@ -160,6 +174,30 @@ def state_dict_from(
     return {strip_prefixes(k): v for k, v in sd.items()}, source
 
 
+def read_weights(
+    path: str | Path, containers: tuple[str, ...], trust: bool = False
+) -> tuple[dict[str, torch.Tensor], str, Path | None]:
+    """(tensors, where they came from, the config.json beside them or None) of a file or HF model folder.
+
+    A folder is read as a Hugging Face model folder (model.safetensors, its shard index, or
+    pytorch_model.bin); a file as `read_checkpoint` + `state_dict_from`. The config.json is only
+    located here: it is read, as JSON, when the tensors turn out to be in a transformers layout.
+    """
+    p = Path(path)
+    if str(path) and p.is_dir():
+        files = hf_weight_files(p)
+        sd: dict[str, torch.Tensor] = {}
+        for f in files:
+            part, _ = state_dict_from(read_checkpoint(f, trust=trust), containers)
+            sd.update(part)
+        source = files[0].name if len(files) == 1 else f"{len(files)} safetensors shards"
+    else:
+        sd, source = state_dict_from(read_checkpoint(p, trust=trust), containers)
+        p = p.parent
+    config = p / "config.json"
+    return sd, source, config if config.is_file() else None
+
+
 def strip_prefixes(key: str) -> str:
     """'module.backbone.blocks.0...' -> 'blocks.0...'; also unchunks DINOv2 'blocks.<chunk>.<i>.' keys."""
     changed = True
@@ -173,18 +211,28 @@ def strip_prefixes(key: str) -> str:
 
 
 def describe_layout(sd: Mapping[str, Any]) -> str:
-    """A guess at which family's official file this is, for error messages."""
+    """Which layout the file looks like and, where known, what to set to read it (for error messages)."""
     keys = set(sd)
+    model_type = hf_model_type(keys)
+    if model_type:
+        return (f"Hugging Face transformers {ARCHITECTURES[model_type]} weights; read them with "
+                f"{BACKBONE_HINT[model_type]} and the backbone_size of the file")
     if "storage_tokens" in keys or "rope_embed.periods" in keys:
-        return "a DINOv3 checkpoint (storage_tokens, RoPE)"
+        return "an official DINOv3 checkpoint (storage_tokens, RoPE); read it with model.backbone: dinov3"
+    registers = "; read it with model.backbone: {name: dinov2, registers: true}"
+    if "reg_token" in keys and "pos_embed" not in keys and any(".gamma_1" in k for k in keys):
+        return "a timm DINOv3 state dict (reg_token, blocks.*.gamma_1); read it with model.backbone: dinov3"
     if any(k.startswith("decoder_") for k in keys):
         return "an MAE checkpoint (decoder_* keys), e.g. RETFound-MAE"
     if "register_tokens" in keys:
-        return "a DINOv2 checkpoint with registers"
+        return "an official DINOv2 checkpoint with registers" + registers
+    if "reg_token" in keys and "pos_embed" in keys:
+        return "a timm DINOv2 state dict with registers" + registers
     if "pos_embed" in keys and any(".ls1.gamma" in k for k in keys):
         return "a DINOv2-style checkpoint (layer scale, learned position embedding)"
     if "masked_embed" in keys or any(k.startswith("head.last_layer") for k in keys):
         return "an iBOT-style checkpoint (VisionFM)"
     if "pos_embed" in keys:
         return "a plain ViT checkpoint without layer scale (e.g. RETFound-MAE, VisionFM)"
-    return "not a ViT checkpoint known here"
+    return ("not a ViT checkpoint known here: segframe reads the official DINOv3, DINOv2, RETFound and "
+            "VisionFM files, timm state dicts of these models, and Hugging Face DINOv2/DINOv3 model folders")

@@ -2,7 +2,9 @@
 
 Official files: `dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth`, bare state dicts in the
 official key layout (`register_tokens`, `mask_token`, giant's SwiGLU `mlp.w12`/`w3`);
-timm's `vision_transformer.checkpoint_filter_fn` converts them.
+timm's `vision_transformer.checkpoint_filter_fn` converts them. Also read: timm state dicts
+(`vit_*_patch14[_reg4]_dinov2`) and Hugging Face `Dinov2Model` / `Dinov2WithRegistersModel`
+folders (see hf.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ FORMAT = CheckpointFormat(
     drop=DINO_DROP,
     converter_needs=frozenset({"mask_token"}),
     files="dinov2_vit{s,b,l,g}14_pretrain.pth, dinov2_vit{s,b,l,g}14_reg4_pretrain.pth",
+    official_keys=("mask_token", "register_tokens"),
+    hf_model_types=("dinov2", "dinov2_with_registers"),
 )
 
 

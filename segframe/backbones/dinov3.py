@@ -5,6 +5,9 @@ bare state dicts (`storage_tokens`, `rope_embed.periods`, `blocks.i.ls1.gamma`,
 `attn.qkv.bias_mask`, ...); timm's `eva.checkpoint_filter_fn` converts them. The RoPE
 periods stored in the file (rounded to bfloat16 during pretraining) are copied exactly: timm
 recomputes them in float32 and drops them from the file, which changes the features slightly.
+Also read: timm state dicts (`vit_*_patch16_dinov3[_qkvb]`) and Hugging Face `DINOv3ViTModel`
+folders (see hf.py); neither stores the periods, so they are recomputed in float32 as timm and
+transformers do.
 """
 
 from __future__ import annotations
@@ -40,11 +43,28 @@ STATS = {
 }
 
 
-def _rope_periods(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for key in ("rope_embed.periods", "rope.periods"):
-        if key in raw:
-            return {"rope.periods": raw[key].float()}
-    return {}
+PERIODS_NOTE = ("RoPE periods recomputed in float32 (the file has none, as timm and transformers save them; "
+                "the official files store them rounded to bfloat16, which gives slightly different features)")
+ZERO_BIAS_NOTE = ("no q/v attention biases in the file (e.g. timm's vit_*_dinov3 without _qkvb): "
+                  "set to zero, the same model")
+
+
+def _periods_and_biases(sd: dict[str, torch.Tensor], vit: torch.nn.Module) -> tuple[dict, list[str]]:
+    """The file's RoPE periods, or timm's float32 ones; zero q/v biases when the file has none."""
+    notes = []
+    stored = next((sd[k] for k in ("rope_embed.periods", "rope.periods") if k in sd), None)
+    if stored is not None:
+        out = {"rope.periods": stored.float()}
+    else:
+        out = {"rope.periods": vit.rope._compute_periods(device="cpu", dtype=torch.float32)}
+        notes.append(PERIODS_NOTE)
+    has_bias = any(k.endswith((".attn.q_bias", ".attn.qkv.bias")) for k in sd)
+    if vit.blocks[0].attn.q_bias is not None and not has_bias:
+        for i, blk in enumerate(vit.blocks):
+            for name in ("q_bias", "v_bias"):
+                out[f"blocks.{i}.attn.{name}"] = torch.zeros(blk.attn.q_bias.shape)
+        notes.append(ZERO_BIAS_NOTE)
+    return out, notes
 
 
 FORMAT = CheckpointFormat(
@@ -54,7 +74,9 @@ FORMAT = CheckpointFormat(
     # constant mask zeroing the k bias, which timm keeps as a fixed zero k_bias.
     drop=(r"mask_token$", r"local_cls_norm\.", r"blocks\.\d+\.attn\.qkv\.bias_mask$",
           r"dino_head\.", r"ibot_head\.", r"head\."),
-    extra=_rope_periods,
+    extra=_periods_and_biases,
+    official_keys=("storage_tokens", "rope_embed.periods"),
+    hf_model_types=("dinov3_vit",),
     files="dinov3_vits16_pretrain_lvd1689m-08c60483.pth, dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth, ... "
     "(dinov3_vit{s16,s16plus,b16,l16,h16plus,7b16}_pretrain_<weights>-<hash>.pth)",
 )
