@@ -1,23 +1,33 @@
-"""Vessel Dice, clDice and thin-vessel sensitivity on the CHASE_DB1 test split after the same training
-budget: nnU-Net's own default 2D U-Net (nnUNetTrainer) and segframe ViT rows, in one run.
+"""Vessel Dice, clDice and thin-vessel sensitivity on the test split of CHASE_DB1 (or DRIVE) after the same
+training budget: nnU-Net's own default 2D U-Net (nnUNetTrainer) and segframe ViT rows, in one run, each row
+trained with several seeds and reported as mean ± sd.
 
 Run: .venv/bin/python benchmarks/chase_dice.py [--data ../shared/data/CHASEDB1] [--work bench_output]
-     [--epochs 12] [--iterations 50] [--rows unet upernet segformer upernet+detail ...] [--check] [--write]
+     [--epochs 12] [--iterations 50] [--seeds 3] [--rows unet upernet segformer upernet+detail ...]
+     [--check] [--reuse] [--write]
 
-A row is `unet` (nnU-Net's U-Net) or `DECODER[+detail][+pN]` for any installed decoder: DINOv3-S with
-that head (UperNet on the pyramid neck as in configs/demo.yaml, every other head on the identity
+A row is `unet` (nnU-Net's U-Net) or `DECODER[+detail][+srec][+pN]` for any installed decoder: DINOv3-S
+with that head (UperNet on the pyramid neck as in configs/demo.yaml, every other head on the identity
 neck, width 128 where the head has a `hidden_size`), `+detail` adds the detail path with its default
-options (model.detail), `+pN` trains on NxN patches instead of 192x192 at the same iterations and
-batch (more pixels per step: the patch size as a lever, said in the label). Default rows: the U-Net,
+options (model.detail), `+srec` the Skeleton Recall loss term with weight 1 (train.loss), `+pN`
+trains on NxN patches instead of 192x192 at the same iterations and batch (more pixels per step: the
+patch size as a lever, said in the label). Default rows: the U-Net,
 UperNet and SegFormer with the detail path, then UperNet, UNETR, Primus, linear, Mask2Former and DPT
-without it (about 2.5 hours on 2 CPU cores). `--check` builds every row's model and exits.
+without it (about 2.5 hours per seed on 2 CPU cores). `--check` builds every row's model and exits.
 
-Every row trains on fold 0 of the 20 training images for the same epochs x iterations, batch 2,
-from random initialisation (no weights offline), and predicts the 8 test images without mirroring.
-The U-Net is nnU-Net's planned PlainConvUNet with its stages cut to fit the 192 patch (what
-nnU-Net's planner does for that patch: pooling until the bottleneck is at least 4 pixels), trained
-by nnUNetTrainer's SGD/poly schedule; its budget does not change with the rows. Metrics are means
-over the test images inside the field of view (`segframe evaluate`). The test images are used
+nnU-Net's augmentation is random, so one run of a row is one draw: `--seeds N` trains every row N times
+with train.seed 0..N-1 (the seed of the training process and of every augmentation worker, docs/data.md;
+the U-Net row gets it as BENCH_SEED), seed by seed over all rows, and the table gives mean ± sd (sample
+standard deviation) over the runs and how many runs each row has. `--reuse` takes the runs an interrupted
+run finished (work/rows/ROW_sSEED.json).
+
+Every row trains on fold 0 of the training images (`--data`: a CHASE_DB1 or DRIVE folder, converted as
+`segframe data` does; the table names the dataset and test images actually used) for the same epochs x
+iterations, batch 2, from random initialisation (no weights offline), and predicts the test images
+without mirroring. The U-Net is nnU-Net's planned PlainConvUNet with its stages cut to fit the 192
+patch (what nnU-Net's planner does for that patch: pooling until the bottleneck is at least 4 pixels),
+trained by nnUNetTrainer's SGD/poly schedule; its budget does not change with the rows. Metrics are
+means over the test images inside the field of view (`segframe evaluate`). The test images are used
 only here: no early stopping, no threshold picked on them.
 """
 
@@ -26,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,7 +58,8 @@ NAMES = {"upernet": "UperNet", "segformer": "SegFormer", "dpt": "DPT", "unetr": 
 
 
 def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig]:
-    """The label and config of a ViT row `DECODER[+detail][+pN]` (the demo's model and train values)."""
+    """The label and config of a ViT row `DECODER[+detail][+srec][+pN]` (the demo's model and train
+    values)."""
     from segframe.plugins import get_registry
 
     decoder, *options = row.split("+")
@@ -55,14 +67,17 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig]:
     if decoder not in registry.decoders():
         raise ConfigError(f"row {row!r}: unknown decoder {decoder!r}; installed: "
                           f"{', '.join(registry.decoders())} (or the row `unet`)")
-    detail, patch = False, PATCH
+    detail, skeleton_recall, patch = False, 0.0, PATCH
     for option in options:
         if option == "detail":
             detail = True
+        elif option == "srec":
+            skeleton_recall = 1.0
         elif option[:1] == "p" and option[1:].isdigit() and int(option[1:]) >= 16:
             patch = [int(option[1:])] * 2
         else:
-            raise ConfigError(f"row {row!r}: unknown option {option!r}; use +detail or +pN (a patch size)")
+            raise ConfigError(f"row {row!r}: unknown option {option!r}; use +detail, +srec or +pN (a patch "
+                              "size)")
     if decoder == "upernet":
         model = demo.model
         label = "DINOv3-S + UperNet 128 (pyramid neck)"
@@ -76,7 +91,10 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig]:
     model = model.model_copy(update={"detail": DetailConfig(enabled=detail)})
     if detail:
         label += " + detail"
-    train = demo.train.model_copy(update={"patch_size": patch, "batch_size": 2})
+    if skeleton_recall:
+        label += " + Skeleton Recall"
+    loss = demo.train.loss.model_copy(update={"skeleton_recall": skeleton_recall})
+    train = demo.train.model_copy(update={"patch_size": patch, "batch_size": 2, "loss": loss})
     if patch != PATCH:
         label += f", patch {patch[0]}x{patch[1]}"
     return label, demo.model_copy(update={"model": model, "train": train})
@@ -105,48 +123,158 @@ def timed(cmd: list[str], env: dict) -> float:
     return time.perf_counter() - start
 
 
-def table(rows: list, args: argparse.Namespace, source: str) -> list[str]:
-    """The markdown table of the rows measured so far."""
+# dataset.json names that read better in a title
+DISPLAY = {"CHASEDB1": "CHASE_DB1"}
+METRICS = ("dice", "cldice", "thin_sensitivity", "iou", "sensitivity", "specificity", "accuracy")
+
+
+def dataset_info(dataset: Path, preprocessed: Path) -> dict:
+    """What the table says about the data actually converted: its name, description and test images (from
+    dataset.json), and fold 0's validation images (from nnU-Net's splits, once a row has trained)."""
+    meta = json.loads((dataset / "dataset.json").read_text())
+    splits = preprocessed / "splits_final.json"
+    return {
+        "name": DISPLAY.get(meta["name"], meta["name"]),
+        "description": meta.get("description", ""),
+        "test": meta.get("numTest", len(list((dataset / "imagesTs").glob("*")))),
+        "val": len(json.loads(splits.read_text())[0]["val"]) if splits.is_file() else None,
+    }
+
+
+def section_name(info: dict) -> str:
+    """The BENCHMARKS.md section of a dataset's table (CHASE_DB1 keeps its historical name)."""
+    name = info["name"].lower().replace("_", "")
+    return "chase-dice-cpu" if name == "chasedb1" else f"{name}-dice-cpu"
+
+
+def mean_sd(values: list[float], digits: int) -> str:
+    """`mean ± sd` (sample standard deviation) of the runs; the value alone for one run."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """The runs grouped by row (first-seen order): label, params, the seeds, and every number's runs."""
+    rows: dict[str, dict] = {}
+    for r in records:
+        row = rows.setdefault(r["row"], {"label": r["label"], "params": r["params"], "seeds": [],
+                                         "train_s": [], "predict_s": [], **{m: [] for m in METRICS}})
+        row["seeds"].append(r["seed"])
+        row["train_s"].append(r["train_s"])
+        row["predict_s"].append(r["predict_s"])
+        for m in METRICS:
+            row[m].append(r["metrics"][m])
+    return list(rows.values())
+
+
+def table(records: list[dict], args: argparse.Namespace, source: str, info: dict) -> list[str]:
+    """The markdown table of the runs measured so far: one line per row, mean ± sd over its runs."""
+    rows = summarise(records)
+    counts = [len(r["seeds"]) for r in rows]
+    runs = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+    val = f"{info['val']} images" if info["val"] is not None else "its validation images"
     lines = [
-        f"## Vessel Dice on CHASE_DB1 after the same budget ({args.epochs} epochs x {args.iterations} "
-        f"iterations, patch {PATCH[0]}x{PATCH[1]} unless the row says otherwise, batch 2, random init, CPU)",
+        f"## Vessel Dice on {info['name']} after the same budget ({args.epochs} epochs x {args.iterations} "
+        f"iterations, patch {PATCH[0]}x{PATCH[1]} unless the row says otherwise, batch 2, random init, CPU; "
+        f"mean ± sd over {runs} seeded runs per row)",
         "",
         machine("cpu") + f"; data: {source.split(' from ')[0]}",
         "",
-        "Test split (8 images), first-observer references, means inside the FOV; no mirroring at prediction. "
-        "Train time includes nnU-Net's final validation of fold 0 (4 images, mirrored). clDice: centerline "
-        "Dice (Shit et al., CVPR 2021); thin sens.: recall of reference vessel pixels of local width <= 2 px "
-        "(docs/data.md). `+ detail`: model.detail with its defaults (docs/detail.md).",
+        f"Test split ({info['test']} images; {info['description']}), means inside the FOV; no mirroring at "
+        f"prediction. Each row was trained `runs` times with train.seed 0, 1, ... (docs/data.md: what a seed "
+        f"fixes); a cell is the mean ± the sample standard deviation over those runs. Train time includes "
+        f"nnU-Net's final validation of fold 0 ({val}, mirrored). clDice: centerline Dice (Shit et al., "
+        "CVPR 2021); thin sens.: recall of reference vessel pixels of local width <= 2 px (docs/data.md). "
+        "`+ detail`: model.detail with its defaults (docs/detail.md).",
         "",
-        "| model | params (M) | train (s) | predict (s) | Dice | clDice | thin sens. | IoU | sensitivity "
-        "| specificity | accuracy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | runs | params (M) | train (s) | predict (s) | Dice | clDice | thin sens. | IoU "
+        "| sensitivity | specificity | accuracy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, params, train_s, predict_s, m in rows:
-        lines.append(
-            f"| {label} | {params / 1e6:.1f} | {train_s:.0f} | {predict_s:.0f} | {m['dice']:.4f} | "
-            f"{m['cldice']:.4f} | {m['thin_sensitivity']:.4f} | {m['iou']:.4f} | {m['sensitivity']:.4f} | "
-            f"{m['specificity']:.4f} | {m['accuracy']:.4f} |"
-        )
+    for r in rows:
+        cells = [r["label"], str(len(r["seeds"])), f"{r['params'] / 1e6:.1f}", mean_sd(r["train_s"], 0),
+                 mean_sd(r["predict_s"], 0), *(mean_sd(r[m], 4) for m in METRICS)]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
+def run_row(key: str, seed: int, label_config: tuple | None, args: argparse.Namespace, env: dict,
+            dataset: Path, work: Path) -> dict:
+    """Train, predict and evaluate one row with one seed; the run's record."""
+    dataset_id = dataset.name[7:10]
+    pre = Path(env["nnUNet_preprocessed"]) / dataset.name
+    images, refs, fov = dataset / "imagesTs", dataset / "labelsTs", dataset / "fovTs"
+    results = Path(env["nnUNet_results"]) / dataset.name
+    slug = config_tag(key)
+    out = work / f"pred_{slug}_s{seed}"
+    if key == "unet":
+        name = "nnUNetPlans_bench_unet"
+        base = json.loads((pre / "nnUNetPlans.json").read_text())
+        (pre / f"{name}.json").write_text(json.dumps(unet_plans(base, PATCH, 2, name), indent=2))
+        run_env = dict(
+            env,
+            nnUNet_extTrainer=str(Path(__file__).parent / "trainers"),
+            BENCH_EPOCHS=str(args.epochs),
+            BENCH_ITERATIONS=str(args.iterations),
+            BENCH_VAL_ITERATIONS=str(args.val_iterations),
+            BENCH_SEED=str(seed),
+            nnUNet_compile="f",
+        )
+        train_s = timed([_tool("nnUNetv2_train"), dataset_id, "2d", "0", "-tr", "nnUNetTrainerBench",
+                         "-p", name, "-device", "cpu"], run_env)
+        predict_s = timed([_tool("nnUNetv2_predict"), "-i", str(images), "-o", str(out), "-d",
+                           dataset_id, "-c", "2d", "-tr", "nnUNetTrainerBench", "-p", name, "-f", "0",
+                           "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], run_env)
+        label = "nnU-Net default 2D U-Net (PlainConvUNet, nnUNetTrainer)"
+        folder = results / f"nnUNetTrainerBench__{name}__2d"
+    else:
+        label, cfg = label_config
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
+        # one plans name (and results folder) per row: the seed is a train value, so each run
+        # retrains it with --overwrite; what it measured is kept in its record
+        path = work / f"bench_{slug}.yaml"
+        path.write_text(dump_config(cfg))
+        cli = [sys.executable, "-m", "segframe.cli"]
+        train_s = timed([*cli, "train", dataset_id, "2d", "0", "--config", str(path), "-device",
+                         "cpu", "--overwrite"], env)
+        name = plans_name("nnUNetPlans", f"bench_{slug}")
+        folder = results_folder(results.parent, dataset.name, name, "2d")
+        predict_s = timed([*cli, "predict", "-i", str(images), "-o", str(out), "-m", str(folder),
+                           "-f", "0", "-device", "cpu", "--disable_tta"], env)
+    import torch
+
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    weights = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    params = sum(v.numel() for k, v in weights["network_weights"].items()
+                 if v.is_floating_point() and "running_" not in k)
+    metrics = evaluate_folders(out, refs, fov)["mean"]
+    return {"row": key, "seed": seed, "label": label, "params": params, "train_s": train_s,
+            "predict_s": predict_s, "metrics": metrics}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     default_data = ROOT.parent / "shared" / "data" / "CHASEDB1"
-    parser.add_argument("--data", default=str(default_data) if default_data.is_dir() else "")
+    parser.add_argument("--data", default=str(default_data) if default_data.is_dir() else "",
+                        help="a CHASE_DB1 or DRIVE folder (default: ../shared/data/CHASEDB1)")
     parser.add_argument("--work", default=str(ROOT / "bench_output"))
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--val-iterations", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=1, metavar="N",
+                        help="train every row N times, with train.seed 0..N-1; the table gives mean ± sd")
     parser.add_argument("--rows", "--only", nargs="+", default=DEFAULT_ROWS, metavar="ROW",
-                        help="unet, or DECODER[+detail][+pN] for any installed decoder (see the docstring)")
+                        help="unet, or DECODER[+detail][+srec][+pN] for any installed decoder (see the "
+                             "docstring)")
     parser.add_argument("--check", action="store_true", help="build every row's model, then exit")
     parser.add_argument("--reuse", action="store_true",
-                        help="take rows an interrupted run of the same command finished (work/rows/ROW.json) "
-                             "instead of training them again")
+                        help="take the runs an interrupted run finished (work/rows/ROW_sSEED.json, one per "
+                             "row and seed) instead of training them again")
     parser.add_argument("--write", action="store_true", help="also update this section of BENCHMARKS.md")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
 
     from segframe.model import ViTSegModel
 
@@ -167,6 +295,7 @@ def main() -> None:
     if args.check:
         for row, (label, cfg) in configs.items():
             print(f"{row}: {label}; train patch {cfg.train.patch_size}")
+        print(f"each row trained with train.seed {', '.join(map(str, range(args.seeds)))}")
         return
 
     work = Path(args.work).resolve()
@@ -177,65 +306,30 @@ def main() -> None:
     if not (pre / "nnUNetPlans.json").is_file():
         _run([_tool("nnUNetv2_plan_and_preprocess"), "-d", dataset_id, "-c", "2d", "-np", "2"], env)
 
-    rows = []
-    images, refs, fov = dataset / "imagesTs", dataset / "labelsTs", dataset / "fovTs"
-    results = Path(env["nnUNet_results"]) / dataset.name
+    records = []
     done_rows = work / "rows"
     done_rows.mkdir(exist_ok=True)
-    for key in dict.fromkeys(args.rows):
-        slug = config_tag(key)
-        out = work / f"pred_{slug}"
-        record = done_rows / f"{slug}.json"
-        if args.reuse and record.is_file():
-            rows.append(tuple(json.loads(record.read_text())))
-            print(f"{key}: reused from {record}", flush=True)
-            continue
-        if key == "unet":
-            name = "nnUNetPlans_bench_unet"
-            base = json.loads((pre / "nnUNetPlans.json").read_text())
-            (pre / f"{name}.json").write_text(json.dumps(unet_plans(base, PATCH, 2, name), indent=2))
-            run_env = dict(
-                env,
-                nnUNet_extTrainer=str(Path(__file__).parent / "trainers"),
-                BENCH_EPOCHS=str(args.epochs),
-                BENCH_ITERATIONS=str(args.iterations),
-                BENCH_VAL_ITERATIONS=str(args.val_iterations),
-                nnUNet_compile="f",
-            )
-            train_s = timed([_tool("nnUNetv2_train"), dataset_id, "2d", "0", "-tr", "nnUNetTrainerBench",
-                             "-p", name, "-device", "cpu"], run_env)
-            predict_s = timed([_tool("nnUNetv2_predict"), "-i", str(images), "-o", str(out), "-d",
-                               dataset_id, "-c", "2d", "-tr", "nnUNetTrainerBench", "-p", name, "-f", "0",
-                               "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], run_env)
-            label = "nnU-Net default 2D U-Net (PlainConvUNet, nnUNetTrainer)"
-            folder = results / f"nnUNetTrainerBench__{name}__2d"
-        else:
-            label, cfg = configs[key]
-            path = work / f"bench_{slug}.yaml"
-            path.write_text(dump_config(cfg))
-            cli = [sys.executable, "-m", "segframe.cli"]
-            train_s = timed([*cli, "train", dataset_id, "2d", "0", "--config", str(path), "-device", "cpu",
-                             "--overwrite"], env)
-            name = plans_name("nnUNetPlans", f"bench_{slug}")
-            folder = results_folder(results.parent, dataset.name, name, "2d")
-            predict_s = timed([*cli, "predict", "-i", str(images), "-o", str(out), "-m", str(folder),
-                               "-f", "0", "-device", "cpu", "--disable_tta"], env)
-        import torch
+    # seed by seed over all rows: a partial run has every row, and slow drift of the machine spreads evenly
+    for seed in range(args.seeds):
+        for key in dict.fromkeys(args.rows):
+            record = done_rows / f"{config_tag(key)}_s{seed}.json"
+            if args.reuse and record.is_file():
+                records.append(json.loads(record.read_text()))
+                print(f"{key} seed {seed}: reused from {record}", flush=True)
+                continue
+            records.append(run_row(key, seed, configs.get(key), args, env, dataset, work))
+            record.write_text(json.dumps(records[-1]))
+            # written after every run, so a long run keeps what it measured if a later one fails
+            info = dataset_info(dataset, pre)
+            lines = table(records, args, source, info)
+            (work / f"{section_name(info)}.md").write_text("\n".join(lines) + "\n")
+            r, m = records[-1], records[-1]["metrics"]
+            print(f"{r['label']} seed {seed}: Dice {m['dice']:.4f}, clDice {m['cldice']:.4f}, thin-vessel "
+                  f"sensitivity {m['thin_sensitivity']:.4f}, train {r['train_s']:.0f} s, "
+                  f"predict {r['predict_s']:.0f} s", flush=True)
 
-        checkpoint = folder / "fold_0" / "checkpoint_final.pth"
-        weights = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        params = sum(v.numel() for k, v in weights["network_weights"].items()
-                     if v.is_floating_point() and "running_" not in k)
-        metrics = evaluate_folders(out, refs, fov)["mean"]
-        rows.append((label, params, train_s, predict_s, metrics))
-        record.write_text(json.dumps(rows[-1]))
-        # written after every row, so a long run keeps what it measured if a later row fails
-        (work / "chase_dice.md").write_text("\n".join(table(rows, args, source)) + "\n")
-        print(f"{label}: Dice {metrics['dice']:.4f}, clDice {metrics['cldice']:.4f}, thin-vessel "
-              f"sensitivity {metrics['thin_sensitivity']:.4f}, train {train_s:.0f} s, "
-              f"predict {predict_s:.0f} s", flush=True)
-
-    publish("chase-dice-cpu", table(rows, args, source), args.write)
+    info = dataset_info(dataset, pre)
+    publish(section_name(info), table(records, args, source, info), args.write)
 
 
 if __name__ == "__main__":

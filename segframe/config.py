@@ -58,7 +58,9 @@ class ModelConfig(_Strict):
         description="backbone family (`segframe plugins`), or {name: ..., <backbone options>}",
     )
     backbone_size: str = Field("small", description="size within the family, e.g. small, base, large")
-    checkpoint_path: str = Field("", description="official .pth/.safetensors file; empty = random init")
+    checkpoint_path: str = Field(
+        "", description="weight file (.pth/.safetensors: official, timm or Hugging Face layout) or Hugging "
+                        "Face model folder; empty = random init")
     trust_checkpoint: bool = Field(
         False, description="allow checkpoints that need full unpickling (only for files you trust)"
     )
@@ -104,6 +106,15 @@ class LoraConfig(_Strict):
     )
 
 
+class LossConfig(_Strict):
+    """`train.loss`: thin-structure terms added to nnU-Net's Dice + CE (segframe/losses.py)."""
+
+    skeleton_recall: float = Field(
+        0.0, ge=0, description="weight of the Skeleton Recall term (Kirchhoff et al., ECCV 2024): soft "
+        "recall of the dilated skeleton of the target, added to Dice + CE; 0 = off (its authors use 1)",
+    )
+
+
 class TrainConfig(_Strict):
     initial_lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on norms, biases, tokens)")
@@ -129,6 +140,15 @@ class TrainConfig(_Strict):
     )
     max_nonfinite_steps: int = Field(
         20, ge=1, description="stop the training after this many consecutive NaN/inf steps (each is skipped)"
+    )
+    seed: int | None = Field(
+        None, ge=0, le=2**32 - 1,
+        description="seed torch, numpy and python random in the training process and, derived from it, each "
+                    "augmentation worker (docs/data.md says what it makes reproducible); null = unseeded",
+    )
+    loss: LossConfig = Field(
+        default_factory=LossConfig,
+        description="extra loss terms for thin structures on heads trained on dense logits (docs/detail.md)",
     )
 
 

@@ -1,11 +1,16 @@
-"""The benchmark scripts' helpers: BENCHMARKS.md sections and the U-Net plans cut to a smaller patch."""
+"""The benchmark scripts' helpers: BENCHMARKS.md sections, the U-Net plans cut to a smaller patch, and the
+CHASE_DB1/DRIVE table of seeded runs (mean ± sd, the dataset named from the converted data)."""
 
+import argparse
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from chase_dice import unet_plans  # noqa: E402
-from common import write_section  # noqa: E402
+from chase_dice import dataset_info, mean_sd, row_config, section_name, table, unet_plans  # noqa: E402
+from common import ROOT, write_section  # noqa: E402
+
+from segframe.config import load_config  # noqa: E402
 
 
 def test_write_section_replaces_only_its_own(tmp_path):
@@ -32,3 +37,58 @@ def test_unet_plans_cut_to_the_patch():
     # 192 / 2**5 = 6 >= 4 pixels at the bottleneck; one more pooling would give 3
     assert arch["n_stages"] == 6 and len(arch["strides"]) == 6 and len(arch["n_conv_per_stage_decoder"]) == 5
     assert base["configurations"]["2d"]["architecture"]["arch_kwargs"]["n_stages"] == 8
+
+
+def _record(row, seed, dice, train_s, label=None):
+    metrics = {"dice": dice, "cldice": 0.5, "thin_sensitivity": 0.25, "iou": 0.4, "sensitivity": 0.6,
+               "specificity": 0.9, "accuracy": 0.95}
+    return {"row": row, "seed": seed, "label": label or row.upper(), "params": 26_200_000, "train_s": train_s,
+            "predict_s": 100.0, "metrics": metrics}
+
+
+def test_mean_sd_against_a_hand_computation():
+    # mean 0.72; deviations -0.02, 0, 0.02 -> sample variance (0.0004 + 0 + 0.0004) / 2 = 0.0004, sd 0.02
+    assert mean_sd([0.70, 0.72, 0.74], 4) == "0.7200 ± 0.0200"
+    # mean 650; sample sd of (640, 660) = sqrt((100 + 100) / 1) = 14.14
+    assert mean_sd([640.0, 660.0], 0) == "650 ± 14"
+    assert mean_sd([0.7315], 4) == "0.7315"  # one run: no sd
+
+
+def test_table_header_and_rows_from_records():
+    records = [_record("unet", 0, 0.70, 640.0, "U-Net"), _record("upernet", 0, 0.60, 700.0),
+               _record("unet", 1, 0.74, 660.0, "U-Net"), _record("unet", 2, 0.72, 650.0, "U-Net")]
+    info = {"name": "DRIVE", "description": "DRIVE retinal vessels; labels: first observer", "test": 20,
+            "val": 4}
+    lines = table(records, argparse.Namespace(epochs=12, iterations=50), "DRIVE from /data", info)
+    text = "\n".join(lines)
+    assert lines[0].startswith("## Vessel Dice on DRIVE after the same budget (12 epochs x 50 iterations")
+    assert "mean ± sd over 1-3 seeded runs per row" in lines[0]
+    assert "CHASE" not in text and "Test split (20 images; DRIVE retinal vessels" in text
+    assert "fold 0 (4 images, mirrored)" in text
+    header = next(line for line in lines if line.startswith("| model"))
+    assert header.split(" | ")[1] == "runs"
+    rows = [line for line in lines if line.startswith("| U-Net") or line.startswith("| UPERNET")]
+    # first-seen order; the U-Net's three runs: Dice as above, train time 650 ± 10 (sd of 640, 660, 650)
+    assert rows[0] == ("| U-Net | 3 | 26.2 | 650 ± 10 | 100 ± 0 | 0.7200 ± 0.0200 | 0.5000 ± 0.0000 "
+                       "| 0.2500 ± 0.0000 | 0.4000 ± 0.0000 | 0.6000 ± 0.0000 | 0.9000 ± 0.0000 "
+                       "| 0.9500 ± 0.0000 |")
+    assert rows[1].startswith("| UPERNET | 1 | 26.2 | 700 | 100 | 0.6000 | 0.5000 |")
+    assert section_name(info) == "drive-dice-cpu"
+    assert section_name({**info, "name": "CHASE_DB1"}) == "chase-dice-cpu"
+
+
+def test_dataset_info_reads_the_converted_data(tmp_path):
+    dataset, pre = tmp_path / "Dataset501_DRIVE", tmp_path / "pre"
+    dataset.mkdir(), pre.mkdir()
+    (dataset / "dataset.json").write_text(json.dumps({"name": "DRIVE", "numTest": 20, "description": "d"}))
+    assert dataset_info(dataset, pre) == {"name": "DRIVE", "description": "d", "test": 20, "val": None}
+    (pre / "splits_final.json").write_text(json.dumps([{"train": ["a", "b", "c"], "val": ["d", "e"]}]))
+    (dataset / "dataset.json").write_text(json.dumps({"name": "CHASEDB1", "numTest": 8, "description": "c"}))
+    assert dataset_info(dataset, pre) == {"name": "CHASE_DB1", "description": "c", "test": 8, "val": 2}
+
+
+def test_srec_row_turns_on_skeleton_recall():
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    label, cfg = row_config("upernet+detail+srec", demo)
+    assert label.endswith("+ detail + Skeleton Recall") and cfg.train.loss.skeleton_recall == 1.0
+    assert row_config("upernet+detail", demo)[1].train.loss.skeleton_recall == 0.0

@@ -4,9 +4,11 @@ Only what a ViT needs changes: the network (from the plans configuration's `segf
 section, so inference rebuilds it with no YAML), deep supervision off, AdamW with parameter
 groups (no decay on norms, biases and tokens; optional layer-wise LR decay and backbone LR
 scale), linear warmup then poly decay, the config's gradient clip, epochs and iterations,
-the auxiliary-head loss (or the head's own loss), and what makes a run trustworthy: weights-only
-checkpoint loading with a readable fallback, atomic checkpoint writes, the best EMA Dice kept over
-`--c`, skipped NaN/inf steps with a stop after `train.max_nonfinite_steps`, and `train.precision`.
+the auxiliary-head loss (or the head's own loss), the optional Skeleton Recall term
+(`train.loss`), and what makes a run trustworthy: weights-only checkpoint loading with a
+readable fallback, atomic checkpoint writes, the best EMA Dice kept over `--c`, skipped NaN/inf
+steps with a stop after `train.max_nonfinite_steps`, `train.precision`, and `train.seed` (the
+training process and every augmentation worker seeded, batches in a fixed order).
 Data, augmentation, validation and export stay nnU-Net's. Pretrained backbone weights load when
 training starts, never at inference.
 """
@@ -14,14 +16,19 @@ training starts, never at inference.
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from time import time
+from unittest import mock
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
@@ -30,6 +37,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from segframe.errors import CheckpointError, ConfigError, SegframeError
 from segframe.lora import format_counts
+from segframe.losses import SkeletonRecallLoss, tubed_skeleton
 from segframe.model import ViTSegModel
 from segframe.nnunet.checkpoints import (
     NAMES,
@@ -128,6 +136,84 @@ class WarmupPolyLR(LRScheduler):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
+# the random streams of a seeded run: the training process, the training loader's workers, the validation's
+MAIN, TRAIN_WORKERS, VAL_WORKERS = 0, 1, 2
+
+
+def derived_seed(seed: int, rank: int, stream: int, worker: int = 0) -> int:
+    """The 32-bit seed of one random stream of a run seeded with `seed`: numpy's SeedSequence child for
+    (DDP rank, stream, worker), so every process and worker draws from its own well-mixed stream."""
+    return int(np.random.SeedSequence(seed, spawn_key=(rank, stream, worker)).generate_state(1)[0])
+
+
+def seed_process(seed: int) -> None:
+    """Seed torch, numpy and python `random` of this process."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class SeededWorkerLoader:
+    """nnU-Net's data loader as batchgenerators' workers see it: `set_thread_id`, which each worker calls once
+    when it starts, is the worker-init hook that seeds the worker from the run seed and its index."""
+
+    def __init__(self, loader, seed: int, rank: int, stream: int):
+        self.loader, self.seed, self.rank, self.stream = loader, seed, rank, stream
+
+    def set_thread_id(self, thread_id: int) -> None:
+        torch.set_num_threads(1)  # as nnU-Net's own workers (NonDetMultiThreadedAugmenter) run
+        seed_process(derived_seed(self.seed, self.rank, self.stream, thread_id))
+        self.loader.set_thread_id(thread_id)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.loader)
+
+
+def seeded_augmenter(loader, workers: int, seed: int, rank: int, stream: int, pin_memory: bool):
+    """batchgenerators' MultiThreadedAugmenter over nnU-Net's data loader with `workers` seeded workers.
+
+    It hands out batches round robin over its workers, so their order is fixed; nnU-Net's
+    NonDetMultiThreadedAugmenter hands them out in whichever order the workers finish them.
+    """
+    augmenter = MultiThreadedAugmenter(
+        SeededWorkerLoader(loader, seed, rank, stream), None, workers,
+        seeds=[derived_seed(seed, rank, stream, i) for i in range(workers)], pin_memory=pin_memory)
+    next(augmenter)  # start the workers now, as nnU-Net does
+    return augmenter
+
+
+def seeded_dataloaders(trainer: nnUNetTrainer, seed: int) -> tuple:
+    """nnUNetTrainer.get_dataloaders of `trainer` with every augmentation worker seeded from `seed` and the
+    batches in a fixed order; the worker counts are nnU-Net's (nnUNet_n_proc_DA for training, half of it
+    for validation). Also for other nnUNetTrainer subclasses (benchmarks/trainers)."""
+    workers = get_allowed_n_proc_DA()
+    with mock.patch.dict(os.environ, {"nnUNet_n_proc_DA": "0"}):  # loaders built, no worker started
+        train, val = nnUNetTrainer.get_dataloaders(trainer)
+    if workers == 0:  # augmentation in the training process, which is seeded
+        return train, val
+    rank, pin = trainer.local_rank, trainer.device.type == "cuda"
+    return (seeded_augmenter(train.data_loader, workers, seed, rank, TRAIN_WORKERS, pin),
+            seeded_augmenter(val.data_loader, max(1, workers // 2), seed, rank, VAL_WORKERS, pin))
+
+
+class SkeletonTargetTransform(BasicTransform):
+    """Appends the tubed skeleton of the target (segframe.losses.tubed_skeleton) as a second segmentation
+    channel, in the augmentation workers, for train.loss.skeleton_recall; train_step splits it off again."""
+
+    def __init__(self, ignore_label: int | None):
+        super().__init__()
+        self.ignore_label = ignore_label
+
+    def apply(self, data_dict: dict, **params) -> dict:
+        segmentation = data_dict["segmentation"]
+        skeleton = torch.from_numpy(tubed_skeleton(segmentation[0].numpy(), self.ignore_label))
+        data_dict["segmentation"] = torch.cat((segmentation, skeleton[None].to(segmentation.dtype)))
+        return data_dict
+
+
 def unwrap(network: nn.Module) -> nn.Module:
     """The model inside DDP and torch.compile wrappers."""
     if isinstance(network, nn.parallel.DistributedDataParallel):
@@ -161,6 +247,10 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
         self.trust_checkpoint = os.environ.get(TRUST_ENV, "") == "1"
         self.nonfinite_in_a_row = 0
         self.iteration = 0
+        self.skeleton_recall: SkeletonRecallLoss | None = None  # set by _build_loss for train.loss
+        self.seed = train.seed
+        if self.seed is not None:  # before initialize(), so the network's initial weights are seeded too
+            seed_process(derived_seed(self.seed, self.local_rank, MAIN))
 
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -205,6 +295,11 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
             f"{m.decoder.name}, neck {m.neck}, {way_back}, freeze_backbone {m.freeze_backbone}, "
             "LoRA " + (f"r={lora.r} alpha={lora.lora_alpha} dropout={lora.lora_dropout} on "
                        f"{lora.target_modules}" if lora.enabled else "off"))
+        self.print_to_log_file("seed: " + ("none (train.seed is null): unseeded" if self.seed is None else
+                                           f"{self.seed} (train.seed), augmentation workers seeded from it"))
+        if self.skeleton_recall is not None:
+            self.print_to_log_file(f"loss: Dice + CE + {cfg.train.loss.skeleton_recall} x Skeleton Recall "
+                                   "(train.loss; the validation loss is Dice + CE)")
         self.print_to_log_file(
             f"precision {self.precision} (train.precision: {cfg.train.precision})"
             + (", with a gradient scaler" if self.grad_scaler is not None else ""))
@@ -218,9 +313,41 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
                 f.write("# the config this results folder was trained with (it also lives in plans.json)\n")
                 yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
 
+    def get_dataloaders(self):
+        """nnU-Net's loaders; with `train.seed`, seeded workers and a fixed batch order."""
+        return super().get_dataloaders() if self.seed is None else seeded_dataloaders(self, self.seed)
+
+    def get_training_transforms(self, *args, **kwargs):
+        """nnU-Net's training transforms, with the target's skeleton added last for skeleton_recall."""
+        transforms = super().get_training_transforms(*args, **kwargs)
+        if self.segframe_config.train.loss.skeleton_recall > 0:
+            transforms.transforms.append(SkeletonTargetTransform(self.label_manager.ignore_label))
+        return transforms
+
+    def _build_loss(self):
+        """nnU-Net's Dice + CE, and the Skeleton Recall term when train.loss asks for it (refused where it
+        cannot apply, before any data is loaded)."""
+        self.skeleton_recall = None
+        weight = self.segframe_config.train.loss.skeleton_recall
+        if weight > 0:
+            decoder = self.segframe_config.model.decoder.name
+            if self.model.owns_loss:
+                raise ConfigError(
+                    f"train.loss.skeleton_recall: {weight} cannot apply to decoder {decoder!r}: it owns its "
+                    "training loss (its raw outputs are scored by that loss, not as dense logits by "
+                    "nnU-Net's Dice + CE); remove train.loss.skeleton_recall or choose a head without its "
+                    "own loss")
+            if self.label_manager.has_regions:
+                raise ConfigError(
+                    f"train.loss.skeleton_recall: {weight} needs one label per pixel (softmax training); "
+                    "this dataset defines regions (sigmoid outputs): remove train.loss.skeleton_recall")
+            self.skeleton_recall = SkeletonRecallLoss(self.configuration_manager.batch_dice, ddp=self.is_ddp)
+        return super()._build_loss()
+
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self.iteration = 0
+        self.loss_parts: dict[str, list[float]] = {}  # a head-owned loss's named parts, per step
 
     def autocast(self):
         """Autocast for `train.precision` (none for fp32)."""
@@ -267,9 +394,18 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
         with self.autocast():
             output = self.network(data)
             if getattr(model, "owns_loss", False):
-                loss, _ = model.training_loss(output, target, self.label_manager.ignore_label)
+                loss, parts = model.training_loss(output, target, self.label_manager.ignore_label)
+                for name, value in parts.items():
+                    self.loss_parts.setdefault(name, []).append(float(value))
             else:
+                if self.skeleton_recall is not None:  # the skeleton travels as the target's second channel
+                    target, skeleton = target[:, :1], target[:, 1:]
                 loss = self.loss(output, target)
+                if self.skeleton_recall is not None:
+                    ignore = self.label_manager.ignore_label
+                    mask = None if ignore is None else target != ignore
+                    loss = loss + self.segframe_config.train.loss.skeleton_recall * self.skeleton_recall(
+                        output, skeleton, mask)
                 aux = model.auxiliary_logits
                 if aux is not None:
                     loss = loss + model.decoder.auxiliary_loss_weight * self.loss(aux, target)
@@ -300,6 +436,9 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
         self.logger.log("epoch_end_timestamps", time(), self.current_epoch)
         for key in ("train_loss", "val_loss"):
             self.print_to_log_file(key, np.round(self.logger.get_value(key + "es", step=-1), decimals=4))
+        if getattr(self, "loss_parts", None):  # the head's own loss: its parts, as the head named them
+            self.print_to_log_file("train_loss parts (this rank's mean): " + ", ".join(
+                f"{name} {np.mean(values):.4f}" for name, values in self.loss_parts.items()))
         self.print_to_log_file("Pseudo dice", [np.round(i, decimals=4) for i in
                                                self.logger.get_value("dice_per_class_or_region", step=-1)])
         seconds = (self.logger.get_value("epoch_end_timestamps", step=-1)
