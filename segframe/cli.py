@@ -38,6 +38,7 @@ COMMANDS = {
     "trainer-path": "segframe.nnunet.cli",
     "data": "segframe.data.cli",
     "evaluate": "segframe.evaluate",
+    "export": "segframe.nnunet.cli",
     "demo": "segframe.demo",
 }
 

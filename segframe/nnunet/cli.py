@@ -1,8 +1,10 @@
-"""`segframe train`, `segframe predict` and `segframe trainer-path`: nnU-Net v2 with a segframe model.
+"""`segframe train`, `predict`, `export` and `trainer-path`: nnU-Net v2 with a segframe model.
 
 `train` writes the segframe plans variant (the YAML inside nnU-Net's plans) and runs nnU-Net's
-own training with nnUNetTrainerSegframe; `predict` rebuilds the model from a results folder
-alone and runs nnU-Net's predictor. nnunetv2 is imported only when a command runs.
+own training with nnUNetTrainerSegframe (`--val_best` validates checkpoint_best.pth into its own
+folder); `predict` rebuilds the model from a results folder alone and runs nnU-Net's predictor;
+`export` writes that model as ONNX (segframe.nnunet.export). nnunetv2 is imported only when a
+command runs.
 `nnUNetv2_train_vit` is `segframe train` under the older fork's name.
 """
 
@@ -97,7 +99,10 @@ def _check_resume(args: argparse.Namespace, fold_dir: Path, plans: dict, dataset
         readable_checkpoint,
     )
 
-    first = NAMES[0] if args.val else next((n for n in NAMES if (fold_dir / n).is_file()), None)
+    if args.val:  # --val --val_best validates (and so loads) only checkpoint_best.pth
+        first = NAMES[2] if args.val_best else NAMES[0]
+    else:
+        first = next((n for n in NAMES if (fold_dir / n).is_file()), None)
     if first is None:
         return  # --c without checkpoints: nnU-Net starts a new training and says so
     path, checkpoint, note = readable_checkpoint(fold_dir, first, args.trust_checkpoint, fallback=args.c,
@@ -116,8 +121,8 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
     for option in ("config", "name"):
         if getattr(args, option):
             argv += [f"--{option}", str(getattr(args, option))]
-    for flag, dest in (("--c", "c"), ("--val", "val"), ("--npz", "npz"), ("--overwrite", "overwrite"),
-                       ("--trust-checkpoint", "trust_checkpoint")):
+    for flag, dest in (("--c", "c"), ("--val", "val"), ("--val_best", "val_best"), ("--npz", "npz"),
+                       ("--overwrite", "overwrite"), ("--trust-checkpoint", "trust_checkpoint")):
         if getattr(args, dest):
             argv.append(flag)
     return argv
@@ -156,6 +161,10 @@ def _run_train(args: argparse.Namespace) -> int:
         raise SegframeError("--c and --val exclude each other: --c continues training, --val only validates")
     if args.num_gpus > 1 and args.device != "cuda":
         raise SegframeError("--num-gpus > 1 trains with nnU-Net's DDP, which needs -device cuda")
+    if args.val_best and (args.num_gpus > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise SegframeError(
+            "--val_best validates in one process: train with several GPUs first, then run the same command "
+            "with --val --val_best and one GPU")
     dataset_dir = dataset_folder(args.dataset)
     base = read_json(dataset_dir / f"{args.p}.json", f"nnU-Net plans {args.p!r} (-p)")
     resolved_configuration(base, args.configuration)
@@ -171,6 +180,8 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.val and not (fold_dir / "checkpoint_final.pth").is_file():
         raise SegframeError(
             f"--val needs a finished training: {fold_dir / 'checkpoint_final.pth'} does not exist")
+    if args.val and args.val_best and not (fold_dir / "checkpoint_best.pth").is_file():
+        raise SegframeError(f"--val_best validates {fold_dir / 'checkpoint_best.pth'}, which does not exist")
     if existing and not (args.c or args.val or args.overwrite):
         raise SegframeError(
             f"{fold_dir} already holds {', '.join(existing)}: pass --c to continue, --val to validate, or "
@@ -199,19 +210,78 @@ def _run_train(args: argparse.Namespace) -> int:
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl")
     try:
-        run_training(args.dataset, args.configuration, fold, TRAINER_NAME, name,
-                     num_gpus=1 if world > 1 else args.num_gpus, export_validation_probabilities=args.npz,
-                     continue_training=args.c, only_run_validation=args.val, device=device)
+        if args.val_best:
+            _train_then_validate_best(args, fold, name, device)
+        else:
+            run_training(args.dataset, args.configuration, fold, TRAINER_NAME, name,
+                         num_gpus=1 if world > 1 else args.num_gpus, export_validation_probabilities=args.npz,
+                         continue_training=args.c, only_run_validation=args.val, device=device)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return 0
 
 
+VALIDATION_BEST = "validation_best"
+
+
+def _train_then_validate_best(args: argparse.Namespace, fold: int | str, plans_name: str, device) -> None:
+    """`nnUNetv2_train --val_best` in one process: train (continue with --c; nothing with --val), then
+    load checkpoint_best.pth and run nnU-Net's validation with it into fold_X/validation_best.
+
+    nnU-Net 2.8.1's run_training does the same steps but validates into fold_X/validation, over the
+    final weights' results, with no trace of which weights made them; here `validation` stays the final
+    weights' and `validation_best` the best's. The final-weights validation is not run, as in nnU-Net.
+    """
+    import shutil
+
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+
+    from segframe.nnunet.checkpoints import NAMES
+
+    trainer = get_trainer_from_args(args.dataset, args.configuration, fold, TRAINER_NAME, plans_name,
+                                    args.c, device=device)
+    if torch.cuda.is_available():  # as nnU-Net's run_training
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+    if not args.val:
+        maybe_load_checkpoint(trainer, args.c, False)
+        trainer.run_training()
+    fold_dir = Path(trainer.output_folder)
+    best = fold_dir / NAMES[2]
+    if not best.is_file():
+        raise SegframeError(f"no {best} to validate: no epoch had a finite EMA pseudo Dice (see the training "
+                            "log); validate the final weights with --val instead")
+    trainer.continue_training = False  # never fall back to another checkpoint: validate best or fail
+    trainer.load_checkpoint(str(best))
+    trainer.print_to_log_file(f"validating {NAMES[2]} (epoch {trainer.current_epoch}) into {VALIDATION_BEST}",
+                              also_print_to_console=True)
+    # perform_actual_validation writes into <output_folder>/validation; a staging output_folder puts it
+    # beside the fold, and the rename below replaces an older validation_best only once it is complete
+    staging = fold_dir / f".{VALIDATION_BEST}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.output_folder = str(staging)
+    try:
+        trainer.perform_actual_validation(args.npz)
+    finally:
+        trainer.output_folder = str(fold_dir)
+    target = fold_dir / VALIDATION_BEST
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging / "validation", target)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def _predict(args: argparse.Namespace) -> int:
     from segframe.nnunet.predict import predict_command
 
     return predict_command(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from segframe.nnunet.export import export_command
+
+    return export_command(args)
 
 
 def _trainer_path(args: argparse.Namespace) -> int:
@@ -235,6 +305,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="default cuda")
     train.add_argument("--c", action="store_true", help="continue from the fold's latest checkpoint")
     train.add_argument("--val", action="store_true", help="only run the final validation")
+    train.add_argument("--val_best", action="store_true",
+                       help="validate with checkpoint_best.pth instead of the final weights, into "
+                            "fold_X/validation_best (after training; with --val: only that validation)")
     train.add_argument("--npz", action="store_true", help="also save validation probabilities")
     train.add_argument("--overwrite", action="store_true", help="train again over a fold with checkpoints")
     train.add_argument("--num-gpus", type=int, default=1, help="GPUs for nnU-Net's DDP (default 1)")
@@ -269,6 +342,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="predictions written at once (in threads) while the next is predicted; "
                               "default 3")
     predict.set_defaults(func=_predict)
+
+    export = subparsers.add_parser(
+        "export", help="write one fold of a trained results folder as an ONNX graph (+ a JSON of its inputs)",
+        description="Rebuild the network from a results folder (checked as segframe predict does) and "
+                    "write it as ONNX: input 'image' (batch, C, height, width) as nnU-Net's preprocessing "
+                    "gives it, output 'logits' (batch, K, height, width); padding and the backbone's "
+                    "normalisation are inside the graph. Beside it, NAME.json: classes, channels, intensity "
+                    "preprocessing, patch size.",
+    )
+    export.add_argument("-m", required=True, help="results folder TRAINER__PLANS__CONFIGURATION")
+    export.add_argument("-f", default="0", help="the fold to export (default 0)")
+    export.add_argument("-o", required=True, help="the .onnx file to write (NAME.json is written beside it)")
+    export.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name in the fold")
+    export.add_argument("--size", type=_positive, nargs=2, metavar=("H", "W"),
+                        help="a graph for H x W images only (default: any size, where the network allows)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing .onnx / .json")
+    export.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow checkpoints that need full unpickling (only files you trust)")
+    export.set_defaults(func=_export)
 
     path = subparsers.add_parser(
         "trainer-path", help="print the folder for nnU-Net's nnUNet_extTrainer variable",

@@ -1,0 +1,232 @@
+"""`segframe export`: a trained results folder's network as an ONNX graph, and a JSON beside it that says
+what the graph expects (channels, intensity preprocessing, classes, patch size).
+
+The results folder is loaded exactly as `segframe predict` loads it (weights-only, checked against the
+plans). Padding to the patch multiple and the backbone's mean/std normalisation are part of the network,
+so they are part of the graph: it takes images as nnU-Net's preprocessing leaves them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from segframe.errors import SegframeError
+
+INPUT, OUTPUT = "image", "logits"
+
+# What each nnU-Net normalisation scheme does to one channel of a raw image, in nnU-Net 2.8.1's
+# nnunetv2/preprocessing/normalization/default_normalization_schemes.py.
+SCHEMES = {
+    "RGBTo01Normalization": "x / 255 (8-bit values 0..255; nnU-Net refuses values above 255)",
+    "ZScoreNormalization": "(x - mean(x)) / max(std(x), 1e-8), mean and std of this channel of this image",
+    "NoNormalization": "x unchanged, as float32",
+    "RescaleTo01Normalization": "(x - min(x)) / max(x - min(x)), over this channel of this image",
+    "CTNormalization": "clip x to [{percentile_00_5}, {percentile_99_5}], then (x - {mean}) / {std} "
+                       "(the dataset's foreground intensity statistics)",
+}
+
+
+def load_network(model_folder: str | os.PathLike, fold: str, checkpoint: str = "checkpoint_final.pth",
+                 trust: bool = False) -> tuple[nn.Module, SimpleNamespace]:
+    """The network of one fold, loaded as `segframe predict` loads it (same checks and trust rules), in
+    eval mode, and what was loaded with it (plans_manager, configuration_manager, dataset_json)."""
+    from segframe.nnunet.checkpoints import initialize_predictor
+    from segframe.nnunet.predict import _folds, check_results_folder
+    from segframe.nnunet.trainer import unwrap
+
+    folder = Path(model_folder).resolve()
+    check_results_folder(folder)
+    folds = _folds(folder, [fold], checkpoint)
+    loaded = SimpleNamespace()  # initialize_predictor only sets the predictor's attributes
+    initialize_predictor(loaded, folder, folds, checkpoint, trust=trust)
+    return unwrap(loaded.network).eval(), loaded
+
+
+def _unsupported_op(exc: BaseException) -> str | None:
+    """The aten operator an exporter error names, if any."""
+    text = f"{exc} {exc.__cause__ or ''}"
+    found = re.search(r"aten[.:]+([A-Za-z0-9_]+)", text)
+    return f"aten.{found.group(1)}" if found else None
+
+
+def _specialization(exc: BaseException) -> str:
+    """The first guard of torch.export's constraint-violation message (what fixes the image size)."""
+    lines = [line.strip(" -") for line in str(exc).splitlines() if "guard" in line or "specialized" in line]
+    return lines[0] if lines else str(exc).splitlines()[0]
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int] | None = None,
+                fallback_size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Write `model` (a ViTSegModel in eval mode) to `path` as ONNX; returns what the graph accepts:
+    {"dynamic_size", "size" (fixed height, width or None), "min_size", "reason" (why the size is fixed)}.
+
+    Input `image` (batch, C, height, width) float32, output `logits` (batch, K, height, width). The batch
+    is always dynamic. With `size=None`, height and width are dynamic if torch.export proves that the
+    forward holds for every size of at least two patches; if the network fixes them (Python code that
+    computes a number from the size), the graph is exported for `fallback_size` instead, or, without
+    one, that is an error. With `size=(h, w)` the graph takes exactly that size. The file is written to
+    a temporary name and renamed: `path` holds either its old content or the complete graph.
+
+    Exporter: torch.export (the dynamo exporter). A traced graph (the legacy TorchScript exporter)
+    silently keeps every shape the example input gave to Python code (e.g. the token grid a position
+    embedding was resized to): it runs at other sizes and returns wrong logits. So does torch.export
+    with Dim.AUTO / Dim.DYNAMIC, whose guards the ONNX graph drops (measured: logits off by 0.06 at
+    257x300). torch.export with named dimensions instead refuses, naming the guard, whenever the
+    forward specialises on the size, so a graph it produces is correct for every size in its range.
+    """
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:  # torch.onnx's exporter needs both; they are no dependency of segframe
+        raise SegframeError(f"exporting to ONNX needs {' and '.join(missing)}: pip install onnx onnxscript")
+    path = Path(path)
+    p = int(model.patch_size)
+    channels = int(model.in_channels)
+    # the example is not a multiple of the patch, so the padding of the graph is the general one
+    example_hw = size or (2 * p + 3, 3 * p + 5)
+    example = torch.rand(2, channels, *example_hw)
+    batch = torch.export.Dim("batch", min=1)
+    result: dict[str, Any] = {"dynamic_size": size is None, "size": list(size) if size else None,
+                              "reason": None}
+    shapes = {0: batch}
+    if size is None:
+        shapes.update({2: torch.export.Dim("height", min=2 * p), 3: torch.export.Dim("width", min=2 * p)})
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes=(shapes,), strict=False)
+    except torch._dynamo.exc.UserError as exc:  # a constraint violation: the forward fixes the size
+        if size is not None:
+            raise SegframeError(f"cannot export the network for {size[0]}x{size[1]} images with a dynamic "
+                                f"batch: {_specialization(exc)}") from None
+        if fallback_size is None:
+            raise SegframeError("cannot export the network with a dynamic image size, the forward fixes it: "
+                                f"{_specialization(exc)}") from None
+        return {**export_onnx(model, path, tuple(fallback_size)), "reason": _specialization(exc)}
+    except Exception as exc:  # noqa: BLE001 - every tracing failure becomes one line naming the op
+        raise _export_error(model, exc) from None
+    optimizer_log = logging.getLogger("onnxscript")
+    level = optimizer_log.level
+    optimizer_log.setLevel(logging.ERROR)  # one "Skipping constant folding" line per Split otherwise
+    try:
+        with torch.no_grad():
+            onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=[INPUT],
+                                             output_names=[OUTPUT], verbose=False)
+    except Exception as exc:  # noqa: BLE001
+        raise _export_error(model, exc) from None
+    finally:
+        optimizer_log.setLevel(level)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        onnx_program.save(str(tmp), external_data=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if result["dynamic_size"]:
+        result["min_size"] = [2 * p, 2 * p]
+    return result
+
+
+def _export_error(model: nn.Module, exc: BaseException) -> SegframeError:
+    m = getattr(model, "config", None)
+    what = f"decoder {m.model.decoder.name!r} on backbone {m.model.backbone.name!r}" if m else "the network"
+    op = _unsupported_op(exc)
+    if op:
+        return SegframeError(f"cannot export {what} to ONNX: the exporter has no translation for operator "
+                             f"{op} ({type(exc).__name__})")
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return SegframeError(f"cannot export {what} to ONNX: {type(exc).__name__}: {first}")
+
+
+def describe(loaded: SimpleNamespace, model: nn.Module, graph: dict[str, Any], fold: str,
+             checkpoint: str, onnx_name: str) -> dict[str, Any]:
+    """The JSON written beside the graph: what a deployment must feed it and what comes out."""
+    import segframe
+
+    plans = loaded.plans_manager
+    conf = loaded.configuration_manager
+    dataset = loaded.dataset_json
+    names = dataset.get("channel_names") or dataset.get("modality") or {}
+    intensity = plans.plans.get("foreground_intensity_properties_per_channel", {})
+    schemes, masks = list(conf.normalization_schemes), list(conf.use_mask_for_norm)
+    channels = []
+    for i, scheme in enumerate(schemes):
+        raw = SCHEMES.get(scheme, f"nnU-Net's {scheme} (a custom scheme: see its run())")
+        if scheme == "CTNormalization":
+            raw = raw.format(**{k: intensity.get(str(i), {}).get(k) for k in
+                                ("percentile_00_5", "percentile_99_5", "mean", "std")})
+        if scheme == "ZScoreNormalization" and masks[i]:
+            raw += "; over the nonzero region of the image only, pixels outside it set to 0"
+        channels.append({"index": i, "name": names.get(str(i), ""), "scheme": scheme, "raw_to_input": raw})
+    cfg = model.config.model
+    inside = [f"padding bottom/right to a multiple of {model.patch_size} px (reflect) and cropping back"]
+    if model.in_channels == 1:
+        inside.append("the one channel repeated to three")
+    if cfg.normalize == "backbone":
+        inside.append(f"the backbone's normalisation (x - {list(model.backbone.mean)}) / "
+                      f"{list(model.backbone.std)} per channel")
+    size = ["batch", model.in_channels, "height", "width"] if graph["dynamic_size"] else \
+        ["batch", model.in_channels, *graph["size"]]
+    return {
+        "onnx": onnx_name,
+        "segframe_version": segframe.__version__,
+        "input": {"name": INPUT, "shape": size, "dtype": "float32",
+                  **({"min_size": graph["min_size"]} if graph["dynamic_size"] else {}),
+                  **({"fixed_size_reason": graph["reason"]} if graph["reason"] else {})},
+        "output": {"name": OUTPUT, "shape": ["batch", model.num_classes, *size[2:]],
+                   "meaning": "class logits at every pixel: softmax over axis 1 gives probabilities, "
+                              "argmax the label index"},
+        "classes": dict(dataset["labels"]),
+        "channels": channels,
+        "preprocessing": {
+            "normalization_schemes": schemes,
+            "use_mask_for_norm": masks,
+            "per_channel": "input channel i = raw_to_input(raw channel i), as nnU-Net preprocesses",
+            "spacing": list(conf.spacing),
+            "in_the_graph": inside,
+        },
+        "patch_size": list(conf.patch_size),
+        "backbone": {"name": cfg.backbone.name, "size": cfg.backbone_size},
+        "decoder": cfg.decoder.name,
+        "fold": fold,
+        "checkpoint": checkpoint,
+    }
+
+
+def sidecar(path: Path) -> Path:
+    """The JSON written beside `path` (model.onnx -> model.json)."""
+    return path.with_suffix(".json")
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """`segframe export`: check everything, then write the graph and its JSON (nothing on refusal)."""
+    out = Path(args.o)
+    if out.suffix != ".onnx":
+        raise SegframeError(f"-o {out}: give the ONNX file to write, ending in .onnx")
+    targets = [out, sidecar(out)]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not args.overwrite:
+        raise SegframeError(f"{' and '.join(existing)} already exist(s): pass --overwrite to replace, or "
+                            "choose another -o")
+    if not out.parent.is_dir():
+        raise SegframeError(f"-o {out}: folder {out.parent} does not exist")
+    model, loaded = load_network(args.m, args.f, args.chk, args.trust_checkpoint)
+    size = tuple(args.size) if args.size else None
+    graph = export_onnx(model, out, size, fallback_size=tuple(loaded.configuration_manager.patch_size))
+    info = describe(loaded, model, graph, args.f, args.chk, out.name)
+    sidecar(out).write_text(json.dumps(info, indent=2) + "\n")
+    shape = "x".join(str(s) for s in info["input"]["shape"])
+    print(f"segframe: wrote {out} (input {INPUT} {shape}, output {OUTPUT}) and {sidecar(out)}", flush=True)
+    if graph["reason"]:
+        print(f"segframe: the network fixes the image size ({graph['reason']}), so the graph takes "
+              f"{graph['size'][0]}x{graph['size'][1]} images (nnU-Net's patch: its sliding window feeds "
+              "tiles of this size)", flush=True)
+    return 0

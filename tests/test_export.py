@@ -1,0 +1,87 @@
+"""ONNX export of every installed decoder through `segframe.nnunet.export.export_onnx` (the function
+`segframe export` uses), checked against PyTorch with onnxruntime: the same logits (max abs diff < 1e-3)
+at batch 1 and 2 (the batch is dynamic), at sizes that are and are not multiples of the patch (the
+padding and the backbone normalisation are inside the graph). The CLI on a real results folder is
+tested in tests/test_val_best.py.
+
+Each head exports once (an export takes seconds), so the sizes rotate over the heads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from segframe.config import validate_config
+from segframe.errors import SegframeError
+from segframe.model import ViTSegModel
+from segframe.plugins import get_registry
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+from segframe.nnunet.export import export_onnx  # noqa: E402
+
+SIZES = [(97, 131), (192, 192), (257, 300)]  # dinov3 tiny: patch 16, so 192 needs no padding
+SMALL = {"mask2former": {"num_queries": 8, "decoder_layers": 2, "pixel_decoder_layers": 1, "num_points": 256}}
+CASES = [(name, SIZES[i % 3], False) for i, name in enumerate(sorted(get_registry().decoders()))]
+CASES.append(("linear", SIZES[2], True))  # the detail path (model.detail), cheap on the cheapest head
+
+
+def build(decoder: str, detail: bool) -> ViTSegModel:
+    torch.manual_seed(0)
+    fields = get_registry().decoder(decoder).spec.params.model_fields
+    section = {"name": decoder, **({"hidden_size": 32} if "hidden_size" in fields else {}),
+               **SMALL.get(decoder, {})}
+    cfg = tiny_config("dinov3", section)
+    if detail:
+        cfg["model"]["detail"] = {"enabled": True, "channels": [8, 8, 8, 8]}
+    model = ViTSegModel(validate_config(cfg), in_channels=3, num_classes=3).eval()
+    with torch.no_grad():  # LayerScale starts at 1e-5: at 1 the blocks count in the logits being compared
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+    return model
+
+
+@pytest.mark.parametrize(("decoder", "size", "detail"), CASES,
+                         ids=[f"{d}-{h}x{w}{'-detail' if x else ''}" for d, (h, w), x in CASES])
+def test_onnx_logits_match_pytorch(decoder, size, detail, tmp_path):
+    model = build(decoder, detail)
+    path = tmp_path / "model.onnx"
+    graph = export_onnx(model, path, size=size)
+    assert graph == {"dynamic_size": False, "size": list(size), "reason": None}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    for batch in (1, 2):
+        x = torch.rand(batch, 3, *size) * 4 - 1  # not only [0, 1]: the graph normalises what it gets
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = session.run(None, {"image": x.numpy()})[0]
+        assert got.shape == expected.shape == (batch, 3, *size)
+        assert np.abs(got - expected).max() < 1e-3, (decoder, size, batch)
+    with pytest.raises(Exception, match="dimensions|shape"):  # a fixed size is enforced, never guessed
+        session.run(None, {"image": np.zeros((1, 3, size[0] + 1, size[1]), np.float32)})
+
+
+def test_dynamic_size_is_exact_or_refused(tmp_path):
+    """Without a fallback size, export_onnx either gives a graph for any height and width whose logits
+    match at every size, or (when the forward fixes the size: today timm's DINOv3 RoPE grid and the
+    padding branch in ViTSegModel.pad) one clear error and no file, never a graph that is wrong."""
+    model = build("linear", False)
+    path = tmp_path / "model.onnx"
+    try:
+        graph = export_onnx(model, path)
+    except SegframeError as exc:
+        assert "cannot export the network with a dynamic image size" in str(exc) and "guard" in str(exc)
+        assert not list(tmp_path.iterdir())
+        return
+    assert graph["dynamic_size"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for size in SIZES:
+        x = torch.rand(2, 3, *size)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert np.abs(session.run(None, {"image": x.numpy()})[0] - expected).max() < 1e-3, size
