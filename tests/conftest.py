@@ -1,11 +1,14 @@
 """Shared fixtures: tiny configs and a clean plugin registry per test that changes it."""
 
+import os
+
 import pytest
 import torch
 
 from segframe.plugins import get_registry, reset_registry
 
-torch.set_num_threads(2)
+# the 2 cores of the machines the suite is sized for, unless OMP_NUM_THREADS says otherwise
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 @pytest.fixture

@@ -1,20 +1,36 @@
 """The small nnU-Net world the end-to-end tests train in: bright discs on noise (RGB, 64x64 by
 default) written as an nnU-Net raw dataset under a temporary root, planned and preprocessed by
 nnU-Net's own command, and the helpers that run commands in it. Imported by the tests under
-tests/ and by the in-repo plugins' nnU-Net tests."""
+tests/ and by the in-repo plugins' nnU-Net tests; its session fixtures (registered by the root
+conftest.py) plan that world once and train the runs several modules only read, two at a time."""
 
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from segframe.data.common import Case, write_dataset
 
 TRAINER = "nnUNetTrainerSegframe"
 BIN = Path(sys.executable).parent
+DATASET = 990
+NAME = "Dataset990_Discs"
+# the run test_nnunet checks learning on: validation Dice >= 0.9 on fold 0's held-out cases
+LEARN = {
+    "model": {"backbone": "dinov2", "backbone_size": "tiny",
+              "decoder": {"name": "upernet", "hidden_size": 32}},
+    "train": {"initial_lr": 1e-3, "num_epochs": 10, "num_iterations_per_epoch": 25,
+              "num_val_iterations_per_epoch": 4, "warmup_epochs": 1, "batch_size": 8},
+}
+# a moment of training per decoder: enough for a results folder whose checkpoints are real
+MOMENT = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1,
+          "batch_size": 2, "patch_size": [42, 42], "warmup_epochs": 0}
 
 
 def disc_case(rng: np.random.Generator, name: str, size: int = 64) -> Case:
@@ -67,3 +83,42 @@ def nnunet_env(root: Path, dataset: int, name: str, train: int, test: int, size:
     env["nnUNet_n_proc_DA"] = "0"
     env["root"] = str(root)
     return env
+
+
+def results(env: dict, tag: str) -> Path:
+    """The results folder of the segframe run `tag` (plans nnUNetPlans_segframe_<tag>) in the disc world."""
+    return Path(env["nnUNet_results"], NAME, f"{TRAINER}__nnUNetPlans_segframe_{tag}__2d")
+
+
+@pytest.fixture(scope="session")
+def disc_world(tmp_path_factory) -> dict:
+    """Dataset990_Discs (20 training + 4 test cases), planned once for every end-to-end module; each
+    module trains under plans names of its own, so the modules never see each other's runs."""
+    return nnunet_env(tmp_path_factory.mktemp("discs"), DATASET, "Discs", train=20, test=4)
+
+
+@pytest.fixture(scope="session")
+def trained_runs(disc_world) -> dict[str, tuple[Path, str, float]]:
+    """`segframe train` to the end for LEARN (tag `learn`) and for a moment of every installed decoder
+    (tag = decoder name), two processes at a time; each YAML is deleted once its run is done, as
+    prediction must need only the results folder. tag -> (results folder, stdout, wall seconds).
+    Tests only read these folders."""
+    from test_heads import section
+
+    from segframe.plugins import get_registry
+
+    configs = {"learn": LEARN}
+    for decoder in get_registry().decoders():
+        configs[decoder] = {"model": {"backbone": "dinov2", "backbone_size": "tiny",
+                                      "decoder": section(decoder)}, "train": MOMENT}
+    root = Path(disc_world["root"])
+
+    def train(tag: str) -> tuple[Path, str, float]:
+        config = write_yaml(root / f"{tag}.yaml", configs[tag])
+        start = time.perf_counter()
+        out = segframe(disc_world, "train", DATASET, "2d", "0", "--config", config, "-device", "cpu")
+        config.unlink()
+        return results(disc_world, tag), out.stdout, time.perf_counter() - start
+
+    with ThreadPoolExecutor(2) as pool:  # the longest run first, the moments beside it
+        return dict(zip(configs, pool.map(train, configs), strict=True))

@@ -172,7 +172,7 @@ def test_dinov2_official_pos_embed_resize():
     pos = b.vit.pos_embed
     for h0, w0 in [(20, 30), (16, 16), (40, 23)]:
         ref = dinov2_official_interpolate(pos, h0 * 14, w0 * 14, 14)
-        torch.testing.assert_close(used_pos_embed(b.vit, h0, w0), ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(used_pos_embed(b.vit, h0, w0), ref)  # float32 tolerance: ops may reorder
         timm_way = resample_pos_embed(pos, (h0, w0), (37, 37), 1, "antialias")
         assert (timm_way - ref).abs().max() > 1e-2  # the option matters away from 518
     torch.testing.assert_close(used_pos_embed(b.vit, 37, 37), pos)  # 518 input: no resize at all
@@ -191,7 +191,7 @@ def test_retfound_visionfm_official_resize(family, opts):
     with torch.no_grad():
         b.vit.pos_embed.normal_()
     ref = mae_interpolate(b.vit.pos_embed, 20, 30)
-    torch.testing.assert_close(used_pos_embed(b.vit, 20, 30), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(used_pos_embed(b.vit, 20, 30), ref)  # float32 tolerance: ops may reorder
 
 
 # ---------------------------------------------------------------- DINOv3 specifics

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import tiny_config
 from pydantic import BaseModel, ConfigDict
+from test_model import dead_parameters, without_graph_gradient
 from torch import nn
 
 from segframe import DecoderSpec, hookimpl
@@ -49,11 +50,6 @@ def build(backbone="dinov3", decoder="upernet", in_channels=3, num_classes=2, se
     return ViTSegModel(validate_config(cfg), in_channels=in_channels, num_classes=num_classes)
 
 
-def without_grad(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters()
-            if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
-
-
 def owns_loss(name: str) -> bool:
     return callable(getattr(build(decoder=name, detail={"enabled": False}).decoder, "training_loss", None))
 
@@ -67,9 +63,10 @@ MATRIX = sorted({("dinov2", d) for d in DENSE_DECODERS} | {(b, "upernet") for b 
 @pytest.mark.parametrize("neck", ["identity", "pyramid"])
 @pytest.mark.parametrize(("backbone", "decoder"), MATRIX)
 def test_every_backbone_and_decoder_with_both_necks(backbone, decoder, neck):
-    """Shape, finite, every trainable parameter (the detail path's included) gets a gradient, for
-    odd sizes down to 1x1; no upsampler is built. Every decoder on patch 14 (strides that divide
-    nothing), every backbone on UperNet; a neck the decoder itself refuses is skipped."""
+    """Shape, finite, every trainable parameter (the detail path's included) is in the training graph
+    and moves the eval logits, for odd sizes down to 1x1; no upsampler is built. Every decoder on
+    patch 14 (strides that divide nothing), every backbone on UperNet; a neck the decoder itself
+    refuses is skipped."""
     try:
         model = build(backbone, decoder, neck=neck, num_classes=3).train()
     except ConfigError as exc:
@@ -77,12 +74,13 @@ def test_every_backbone_and_decoder_with_both_necks(backbone, decoder, neck):
             raise
         pytest.skip(f"{decoder} refuses neck {neck}")
     assert model.upsampler is None and isinstance(model.detail, DetailPath)
-    out = model(torch.rand(2, 3, 20, 33))
+    x = torch.rand(2, 3, 20, 33)
+    out = model(x)
     assert out.shape == (2, 3, 20, 33) and torch.isfinite(out).all()
     out.square().mean().backward()
-    assert not without_grad(model)
+    assert not without_graph_gradient(model)
+    assert not dead_parameters(model, x)
     assert any(n.startswith("detail.") for n, p in model.named_parameters() if p.requires_grad)
-    model.eval()
     with torch.no_grad():
         for size in [(1, 1), (17, 5)]:
             odd = model(torch.rand(1, 3, *size))
@@ -155,10 +153,12 @@ def test_fractional_head_stride_below_one(registry):
     registry.register(_plugin("finehead", _FineHead), "finehead")
     model = ViTSegModel(tiny_config("dinov2", {"name": "finehead"}, detail=DETAIL), num_classes=2).train()
     assert model.decoder.output_stride == 0.875
-    out = model(torch.rand(2, 3, 30, 20))
+    x = torch.rand(2, 3, 30, 20)
+    out = model(x)
     assert out.shape == (2, 2, 30, 20)
     out.square().mean().backward()
-    assert not without_grad(model)
+    assert not without_graph_gradient(model)
+    assert not dead_parameters(model, x)
 
 
 def test_refused_for_a_head_that_owns_its_loss_and_with_an_upsampler(registry):
@@ -185,10 +185,12 @@ def test_bad_detail_config_is_a_clear_error(detail, match):
 def test_channels(in_channels, first):
     model = build(in_channels=in_channels).train()
     assert model.detail.encoder[0][0][0].in_channels == first
-    out = model(torch.rand(2, in_channels, 24, 40))
+    x = torch.rand(2, in_channels, 24, 40)
+    out = model(x)
     assert out.shape == (2, 2, 24, 40)
     out.mean().backward()
-    assert not without_grad(model)
+    assert not without_graph_gradient(model)
+    assert not dead_parameters(model, x)
 
 
 @pytest.mark.parametrize("mode", ["frozen", "lora"])
@@ -253,7 +255,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     model = build("dinov3", neck="pyramid", freeze_backbone=True, lora={"enabled": True, "r": 2})
     # as nnU-Net wraps it: no find_unused_parameters, so an unused trainable parameter is an error
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    # no weight decay: AdamW's would move every non-zero weight without a gradient, and "did not train"
+    # below is to mean that no gradient step moved it
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     torch.manual_seed(1 + rank)
     for _ in range(2):
         x, y = torch.rand(2, 3, 32, 32), torch.randint(0, 2, (2, 32, 32))

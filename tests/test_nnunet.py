@@ -8,45 +8,26 @@ import json
 import shutil
 import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from nnunet_discs import BIN, TRAINER, nnunet_env, run, segframe, write_yaml
+from nnunet_discs import BIN, DATASET, LEARN, NAME, TRAINER, results, run, segframe, write_yaml
 from PIL import Image
 
-DATASET = 990
-NAME = "Dataset990_Discs"
 
-LEARN = {
-    "model": {"backbone": "dinov2", "backbone_size": "tiny",
-              "decoder": {"name": "upernet", "hidden_size": 32}},
-    "train": {"initial_lr": 1e-3, "num_epochs": 10, "num_iterations_per_epoch": 25,
-              "num_val_iterations_per_epoch": 4, "warmup_epochs": 1, "batch_size": 8},
-}
+@pytest.fixture(scope="module")
+def env(disc_world):
+    return disc_world
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return nnunet_env(tmp_path_factory.mktemp("nnunet"), DATASET, "Discs", train=20, test=4)
-
-
-def results(env: dict, plans: str) -> Path:
-    return Path(env["nnUNet_results"], NAME, f"{TRAINER}__{plans}__2d")
-
-
-@pytest.fixture(scope="module")
-def learned(env):
-    """One `segframe train` run to the end; the YAML is deleted afterwards."""
-    config = write_yaml(Path(env["root"]) / "learn.yaml", LEARN)
-    start = time.perf_counter()
-    out = segframe(env, "train", DATASET, "2d", "0", "--config", config, "-device", "cpu")
-    seconds = time.perf_counter() - start
-    config.unlink()
-    return results(env, "nnUNetPlans_segframe_learn"), out.stdout, seconds
+def learned(trained_runs):
+    """One `segframe train` run of LEARN to the end (the session's `learn` run); its YAML is gone."""
+    return trained_runs["learn"]
 
 
 def test_training_learns_and_logs(learned):
@@ -117,7 +98,7 @@ def test_continue_after_a_killed_run_then_validate(env, tmp_path):
             proc.kill()
             break
     proc.wait()
-    fold = results(env, "nnUNetPlans_segframe_resume") / "fold_0"
+    fold = results(env, "resume") / "fold_0"
     assert (fold / "checkpoint_latest.pth").is_file(), "".join(seen)[-3000:]
     assert not (fold / "checkpoint_final.pth").exists()
 
@@ -135,13 +116,17 @@ def test_continue_after_a_killed_run_then_validate(env, tmp_path):
 
     summary = fold / "validation" / "summary.json"
     summary.unlink()
-    segframe(env, "train", DATASET, "2d", "0", "--val", "--name", "resume", "-device", "cpu")
-    assert summary.is_file()
-
-    # nnU-Net's own training command on the plans segframe wrote: another fold, no YAML anywhere
+    # side by side (independent folds): --val of fold 0, and nnU-Net's own training command on the plans
+    # segframe wrote, another fold, no YAML anywhere
     stock_env = dict(env, nnUNet_extTrainer=segframe(env, "trainer-path").stdout.strip())
-    run(stock_env, BIN / "nnUNetv2_train", DATASET, "2d", "1", "-tr", TRAINER,
-        "-p", "nnUNetPlans_segframe_resume", "-device", "cpu")
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(segframe, env, "train", DATASET, "2d", "0", "--val", "--name", "resume",
+                            "-device", "cpu"),
+                pool.submit(run, stock_env, BIN / "nnUNetv2_train", DATASET, "2d", "1", "-tr", TRAINER,
+                            "-p", "nnUNetPlans_segframe_resume", "-device", "cpu")]
+        for job in jobs:
+            job.result()
+    assert summary.is_file()
     other = torch.load(fold.parent / "fold_1" / "checkpoint_final.pth", weights_only=False,
                        map_location="cpu")
     assert other["network_weights"].keys() == final["network_weights"].keys()
@@ -155,15 +140,23 @@ def test_user_errors(env, learned, tmp_path):
         return done.stderr
 
     config = write_yaml(tmp_path / "learn.yaml", LEARN)
-    assert "nnUNetv2_plan_and_preprocess -d 991" in error("train", "991", "2d", "0", "--config", config)
-    assert "fold '7' does not exist" in error("train", str(DATASET), "2d", "7", "--config", config)
-    assert "no configuration '3d_fullres'" in error(
-        "train", str(DATASET), "3d_fullres", "0", "--config", config)
-    assert "--config FILE.yaml is needed" in error("train", str(DATASET), "2d", "0")
     # the same plans name with another model would orphan the trained checkpoints
     other = dict(LEARN, model=dict(LEARN["model"], decoder="segformer"))
-    message = error("train", str(DATASET), "2d", "0", "--config", write_yaml(config, other), "--overwrite")
-    assert "already have trained checkpoints" in message and "--name" in message
+    again = tmp_path / "again"  # learn.yaml again: the same plans name, `learn`
+    again.mkdir()
+    calls = {  # independent refusals that read only: two processes at a time
+        "nnUNetv2_plan_and_preprocess -d 991": ("train", "991", "2d", "0", "--config", config),
+        "fold '7' does not exist": ("train", str(DATASET), "2d", "7", "--config", config),
+        "no configuration '3d_fullres'": ("train", str(DATASET), "3d_fullres", "0", "--config", config),
+        "--config FILE.yaml is needed": ("train", str(DATASET), "2d", "0"),
+        "already have trained checkpoints": ("train", str(DATASET), "2d", "0", "--config",
+                                             write_yaml(again / "learn.yaml", other), "--overwrite"),
+    }
+    with ThreadPoolExecutor(2) as pool:
+        messages = dict(zip(calls, pool.map(lambda args: error(*args), calls.values()), strict=True))
+    for expected, message in messages.items():
+        assert expected in message, message
+    assert "--name" in messages["already have trained checkpoints"]
 
     folder = learned[0]
     images = Path(env["nnUNet_raw"], NAME, "imagesTs")

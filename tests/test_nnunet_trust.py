@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nnunet_discs import TRAINER, nnunet_env, segframe, write_yaml
-from test_nnunet import DATASET, NAME
+from nnunet_discs import DATASET, NAME, results, segframe, write_yaml
 
 from segframe.nnunet import lifeline
 from segframe.nnunet.checkpoints import ALLOWED_GLOBALS, atomic_save, load_checkpoint_file
@@ -36,13 +35,8 @@ MARKER = "PWNED"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return nnunet_env(tmp_path_factory.mktemp("trust"), DATASET, "Discs", train=12, test=2,
-                      nnUNet_def_n_proc="1", OMP_NUM_THREADS="1")
-
-
-def results(env: dict, tag: str) -> Path:
-    return Path(env["nnUNet_results"], NAME, f"{TRAINER}__nnUNetPlans_segframe_{tag}__2d")
+def env(disc_world):
+    return dict(disc_world, nnUNet_def_n_proc="1", OMP_NUM_THREADS="1")
 
 
 def tree(pid: int) -> dict[int, str]:
@@ -68,7 +62,7 @@ def alive(pid: int, start: str) -> bool:
 def killed(env):
     """`segframe train` with 2 augmentation workers, SIGKILLed after epoch 0's checkpoints were written.
     Returns the fold folder, the processes it had, and the seconds until the last of them was gone."""
-    config = write_yaml(Path(env["root"]) / "resume.yaml", TINY)
+    config = write_yaml(Path(env["root"]) / "trust.yaml", TINY)
     cmd = [sys.executable, "-m", "segframe.cli", "train", str(DATASET), "2d", "0", "--config", str(config),
            "-device", "cpu"]
     proc = subprocess.Popen(cmd, env=dict(env, nnUNet_n_proc_DA="2"), stdout=subprocess.PIPE,
@@ -89,7 +83,7 @@ def killed(env):
     for pid in survivors:  # never leave them on the machine, even when the test fails
         os.kill(pid, signal.SIGKILL)
     proc.stdout.close()
-    return results(env, "resume") / "fold_0", processes, gone, survivors, "".join(seen)
+    return results(env, "trust") / "fold_0", processes, gone, survivors, "".join(seen)
 
 
 def sha(folder: Path) -> dict[str, str]:
@@ -161,7 +155,7 @@ def resumed(env, killed):
     best["_best_ema"] = np.float32(0.999)
     atomic_save(best, fold / "checkpoint_best.pth")
     before = (fold / "checkpoint_best.pth").read_bytes()
-    out = segframe(env, "train", DATASET, "2d", "0", "--c", "--name", "resume", "-device", "cpu")
+    out = segframe(env, "train", DATASET, "2d", "0", "--c", "--name", "trust", "-device", "cpu")
     return fold, emas, before, out
 
 
@@ -210,7 +204,7 @@ def test_crafted_pickles_are_refused_and_run_nothing(env, resumed, tmp_path):
     evil_fold.mkdir()
     crafted(fold / "checkpoint_final.pth", evil_fold / "checkpoint_latest.pth", marker)
     hashes = sha(Path(env["root"]))
-    message = error(env, "train", DATASET, "2d", "2", "--c", "--name", "resume", "-device", "cpu")
+    message = error(env, "train", DATASET, "2d", "2", "--c", "--name", "trust", "-device", "cpu")
     assert "refusing to load" in message and "fold_2/checkpoint_latest.pth" in message
     assert "posix.system" in message and "--trust-checkpoint" in message
     assert not marker.exists() and sha(Path(env["root"])) == hashes
@@ -230,7 +224,7 @@ def test_real_results_folder_predicts_without_trust(env, resumed, tmp_path):
     images = Path(env["nnUNet_raw"], NAME, "imagesTs")
     segframe(env, "predict", "-i", images, "-o", tmp_path / "out", "-m", resumed[0].parent, "-device", "cpu",
              "--disable_tta")
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["ts_000.png", "ts_001.png"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [f"ts_{i:03d}.png" for i in range(4)]
 
 
 def test_continue_falls_back_to_the_newest_readable_checkpoint(env, resumed):
@@ -240,7 +234,7 @@ def test_continue_falls_back_to_the_newest_readable_checkpoint(env, resumed):
     shutil.copy(fold / "checkpoint_best.pth", other / "checkpoint_latest.pth")  # epoch 0's
     broken = (fold / "checkpoint_final.pth").read_bytes()[:5000]
     (other / "checkpoint_final.pth").write_bytes(broken)
-    out = segframe(env, "train", DATASET, "2d", "1", "--c", "--name", "resume", "-device", "cpu")
+    out = segframe(env, "train", DATASET, "2d", "1", "--c", "--name", "trust", "-device", "cpu")
     notes = [line for line in out.stdout.splitlines() if line.startswith("segframe: ") and "unreadab" in line]
     assert len(notes) == 1 and "fold_1/checkpoint_final.pth is unreadable" in notes[0], out.stdout[-3000:]
     assert "continuing from checkpoint_latest.pth" in notes[0]
@@ -277,15 +271,15 @@ def test_refusals_change_no_file(env, resumed, tmp_path):
     # the issue's case: a changed train: section over a fold with checkpoints, without --c
     cfg = copy.deepcopy(TINY)
     cfg["train"]["num_epochs"] = 50
-    refused("--c to continue", "0", "--config", write_yaml(tmp_path / "resume.yaml", cfg))
+    refused("--c to continue", "0", "--config", write_yaml(tmp_path / "trust.yaml", cfg))
     final = (fold / "checkpoint_final.pth").read_bytes()
     cut = fold.parent / "fold_3"
     cut.mkdir()
     (cut / "checkpoint_final.pth").write_bytes(final[: len(final) // 3])
-    message = refused("is unreadable", "3", "--val", "--name", "resume")
+    message = refused("is unreadable", "3", "--val", "--name", "trust")
     assert "fold_3/checkpoint_final.pth" in message
     (cut / "checkpoint_latest.pth").write_bytes(b"not a checkpoint at all")
-    refused("no readable checkpoint left", "3", "--c", "--name", "resume")
+    refused("no readable checkpoint left", "3", "--c", "--name", "trust")
     checkpoint = load_checkpoint_file(fold / "checkpoint_final.pth")
     weights = checkpoint["network_weights"]
     dropped = next(k for k in weights if k.startswith("decoder."))
@@ -295,7 +289,7 @@ def test_refusals_change_no_file(env, resumed, tmp_path):
     other = fold.parent / "fold_4"
     other.mkdir()
     atomic_save(checkpoint, other / "checkpoint_latest.pth")
-    message = refused("do not fit", "4", "--c", "--name", "resume")
+    message = refused("do not fit", "4", "--c", "--name", "trust")
     assert f"missing: {dropped}" in message and reshaped in message
 
 

@@ -132,7 +132,8 @@ def _ddp_worker(rank: int, world: int, port: int, case: str, out: str) -> None:
                 p.normal_(0, 0.1)
     # as nnU-Net wraps it: no find_unused_parameters, so an unused trainable parameter is an error
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    # no weight decay: it would move every weight whether it got a gradient or not
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     torch.manual_seed(1 + rank)  # each rank sees other data
     for _ in range(3):
         x, y = torch.rand(2, 3, 32, 32), torch.randint(0, 2, (2, 32, 32))
@@ -159,5 +160,8 @@ def test_ddp_two_cpu_processes(case, tmp_path):
     assert ranks[0].keys() == ranks[1].keys() and ranks[0]
     for name, value in ranks[0].items():
         torch.testing.assert_close(value, ranks[1][name], msg=f"{name} differs between ranks")
-    moved = [n for n, v in ranks[0].items() if "lora_B" not in n and not torch.equal(v, initial[n].detach())]
-    assert len(moved) == len([n for n in ranks[0] if "lora_B" not in n])  # every trainable parameter trained
+    # every trainable weight trained; 1-d parameters are left out: a bias feeding a training-mode BatchNorm
+    # (SegFormer's projections) gets a gradient of rounding noise only, which can be exactly 0 on some CPUs
+    weights = [n for n, v in ranks[0].items() if "lora_B" not in n and v.ndim > 1]
+    moved = [n for n in weights if not torch.equal(ranks[0][n], initial[n].detach())]
+    assert weights and moved == weights

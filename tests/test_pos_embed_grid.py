@@ -42,8 +42,10 @@ def test_retfound_accepts_another_square_grid_and_resizes_as_its_loader(tmp_path
     assert tuple(grid) == (37, 37) and backbone.vit.pos_embed.shape[1] == 1370
     path, pos = teacher_file(backbone, tmp_path, file_grid)
     report = backbone.load_checkpoint(path)
-    torch.testing.assert_close(backbone.vit.pos_embed.data, interpolate_pos_embed_reference(pos, 37),
-                               atol=1e-6, rtol=0)
+    # float32's default tolerance: the neighbouring resizes (antialiased, DINOv2's +0.1 offset) differ
+    # from this one by 0.29 to 0.82 here, while the same resize summed in another order (another memory
+    # layout inside timm) may differ by a few ulps, more than an absolute 1e-6 at |values| near 4
+    torch.testing.assert_close(backbone.vit.pos_embed.data, interpolate_pos_embed_reference(pos, 37))
     assert f"position embedding resized from the file's {file_grid}x{file_grid} grid to 37x37" \
         in report.summary()
     assert "bicubic, no antialias" in report.summary() and "\n" not in report.summary()

@@ -1,8 +1,8 @@
 """`segframe predict` on the image files users have, and the Python `Predictor` that matches it.
 
 Conversions are checked against hand computations and nnU-Net's own PNG reader; one tiny trained
-results folder (discs on noise, 1 epoch x 2 iterations: the point is input handling, not quality)
-is shared by the end-to-end tests, one per row of issue 14's table.
+results folder (the session's UperNet run on the disc world, 1 epoch x 2 iterations: the point is input
+handling, not quality) is shared by the end-to-end tests, one per row of issue 14's table.
 """
 
 import pickle
@@ -12,21 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import yaml
-from nnunet_discs import nnunet_env, segframe
+from nnunet_discs import NAME, segframe
 from PIL import Image
 
 from segframe.images import ImageError, InputSpec, read_image
-
-DATASET = 994
-NAME = "Dataset994_PredictDiscs"
-TINY = {
-    "model": {"backbone": "dinov2", "backbone_size": "tiny",
-              "decoder": {"name": "upernet", "hidden_size": 16}},
-    "train": {"initial_lr": 1e-3, "num_epochs": 1, "num_iterations_per_epoch": 2,
-              "num_val_iterations_per_epoch": 1, "warmup_epochs": 0, "batch_size": 2, "patch_size": [48, 48]},
-}
-
 
 # ------------------------------------------------------------------ conversions, no model needed
 
@@ -100,15 +89,10 @@ def test_unreadable_files_are_one_line_errors(tmp_path):
 # ------------------------------------------------------------------ end to end
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(disc_world, trained_runs, tmp_path_factory):
     """A tiny trained segframe results folder, the env to run commands in, and test images."""
+    env, folder = disc_world, trained_runs["upernet"][0]
     root = tmp_path_factory.mktemp("predict")
-    env = nnunet_env(root, DATASET, "PredictDiscs", train=6, test=2)
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
-    segframe(env, "train", DATASET, "2d", "0", "--config", config, "-device", "cpu")
-    folder = Path(env["nnUNet_results"], NAME, "nnUNetTrainerSegframe__nnUNetPlans_segframe_tiny__2d")
-    assert (folder / "fold_0" / "checkpoint_final.pth").is_file()
     images = root / "images"
     images.mkdir()
     rgb = np.asarray(Image.open(Path(env["nnUNet_raw"], NAME, "imagesTs", "ts_000_0000.png")))

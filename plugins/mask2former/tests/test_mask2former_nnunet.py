@@ -1,10 +1,11 @@
 """Mask2Former end to end in nnU-Net v2 on CPU: `segframe train` (its own loss through
 `model.training_loss`), killed after the first epoch and continued with `--c`, learns the disc
 dataset; `segframe predict` and stock `nnUNetv2_predict` give identical outputs from the results
-folder with no YAML. The disc dataset and helpers are segframe's tests/nnunet_discs.py (this
-plugin's tests run in the segframe repository)."""
+folder with no YAML. The disc world and helpers are segframe's tests/nnunet_discs.py (this
+plugin's tests run in the segframe repository, whose conftest.py shares the world)."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -17,10 +18,8 @@ import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))  # segframe's test helpers
-from nnunet_discs import BIN, TRAINER, nnunet_env, run, segframe  # noqa: E402
+from nnunet_discs import BIN, DATASET, NAME, TRAINER, results, run, segframe  # noqa: E402
 
-DATASET = 992
-NAME = "Dataset992_Discs"
 EPOCHS, ITERATIONS = 6, 10
 # Dice on held-out cases that shows the head learned: predicting all background gives 0, all
 # foreground about 0.2 (discs cover ~10% of an image); a thresholded image gives ~0.95. Measured:
@@ -36,8 +35,8 @@ CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return nnunet_env(tmp_path_factory.mktemp("nnunet_m2f"), DATASET, "Discs", train=20, test=4)
+def env(disc_world):
+    return disc_world
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +44,7 @@ def trained(env):
     """`segframe train`, killed once epoch 0's checkpoint is written, then `--c` (no YAML) to the end."""
     config = Path(env["root"]) / "m2f.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
-    fold = Path(env["nnUNet_results"], NAME, f"{TRAINER}__nnUNetPlans_segframe_m2f__2d", "fold_0")
+    fold = results(env, "m2f") / "fold_0"
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "segframe.cli", "train", str(DATASET), "2d", "0", "--config", str(config),
            "-device", "cpu"]
@@ -77,6 +76,10 @@ def test_trains_continues_and_learns(trained):
     assert "continuing at epoch 1" in stdout
     log = "".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
     assert "decoder mask2former" in log and "upsampler" in log
+    # the head's own loss parts, each the term itself (deep supervision on by default: auxiliary too)
+    parts = re.findall(r"train_loss parts \(this rank's mean\): class [\d.]+, mask [\d.]+, dice [\d.]+, "
+                       r"auxiliary [\d.]+", log)
+    assert len(parts) == EPOCHS, log[-3000:]
     final = torch.load(fold / "checkpoint_final.pth", weights_only=False, map_location="cpu")
     assert final["current_epoch"] == EPOCHS
     steps = {float(s["step"]) for s in final["optimizer_state"]["state"].values()}
