@@ -131,6 +131,7 @@ def stepper(precision: str, limit: int = 3):
     trainer.__dict__.update(
         network=model, device=torch.device("cpu"), precision=precision, grad_scaler=None, is_ddp=False,
         segframe_config=cfg, iteration=0, nonfinite_in_a_row=0, current_epoch=0, initial_lr=1e-3,
+        skeleton_recall=None, loss_parts={},
         optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), log_file="training_log.txt",
         loss=lambda out, target: F.cross_entropy(out.float(), target[:, 0].long()),
         label_manager=SimpleNamespace(ignore_label=None),
