@@ -20,8 +20,10 @@ install: $(VENV)/.installed
 lint: install
 	$(PY) -m ruff check .
 
+# pytest-xdist workers; the tests that read the session's trained runs share one (--dist loadgroup)
+JOBS ?= 2
 test: install lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup
 
 demo: install
 	$(PY) -m segframe.demo --data "$(DATA)" --work "$(WORK)" $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)")

@@ -1,14 +1,8 @@
 """Shared fixtures: tiny configs and a clean plugin registry per test that changes it."""
 
-import os
-
 import pytest
-import torch
 
 from segframe.plugins import get_registry, reset_registry
-
-# the 2 cores of the machines the suite is sized for, unless OMP_NUM_THREADS says otherwise
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 @pytest.fixture

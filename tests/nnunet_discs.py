@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from batchgenerators.utilities.file_and_folder_operations import save_json
+from nnunetv2.utilities.crossval_split import generate_crossval_split
 
 from segframe.data.common import Case, write_dataset
 
@@ -66,7 +68,12 @@ def nnunet_env(root: Path, dataset: int, name: str, train: int, test: int, size:
                **extra: str) -> dict:
     """An environment whose nnUNet_raw/_preprocessed/_results live under `root`, holding dataset
     `dataset` (`train` + `test` disc cases of `size` px), planned and preprocessed for 2d."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", nnUNet_compile="f", **extra)
+    # nnUNet_def_n_proc: nnU-Net's validation, evaluation and export pools spawn 8 processes each by
+    # default, every one importing torch; on 2 cores that alone cost ~10 s per training run. One thread
+    # per process: the runs go two at a time, and more OpenMP threads than free cores spin (epochs
+    # 25 times slower, seen on 2 cores)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", nnUNet_compile="f", nnUNet_def_n_proc="1",
+               OMP_NUM_THREADS="1", **extra)
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env[var] = str(root / var)
         (root / var).mkdir()
@@ -78,6 +85,11 @@ def nnunet_env(root: Path, dataset: int, name: str, train: int, test: int, size:
                   test=(disc_case(rng, f"ts_{i:03d}", size) for i in range(test)),
                   description="discs on noise", reference="generated", licence="CC0")
     run(env, BIN / "nnUNetv2_plan_and_preprocess", "-d", dataset, "-c", "2d", "-np", "1")
+    # the 5-fold split nnU-Net's first training would write, written now: runs started side by side
+    # must not race to create it
+    names = sorted(f"tr_{i:03d}" for i in range(train))
+    save_json(generate_crossval_split(names, seed=12345, n_splits=5),
+              root / "nnUNet_preprocessed" / f"Dataset{dataset:03d}_{name}" / "splits_final.json")
     # augmentation in the training process (2-core CI machines); set after planning, which would
     # pass 0 to torch.set_num_threads
     env["nnUNet_n_proc_DA"] = "0"
@@ -88,6 +100,15 @@ def nnunet_env(root: Path, dataset: int, name: str, train: int, test: int, size:
 def results(env: dict, tag: str) -> Path:
     """The results folder of the segframe run `tag` (plans nnUNetPlans_segframe_<tag>) in the disc world."""
     return Path(env["nnUNet_results"], NAME, f"{TRAINER}__nnUNetPlans_segframe_{tag}__2d")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (`--dist loadgroup`, as `make test` runs), the tests that read the trained runs
+    share one worker, so each worker's session does not train them again."""
+    for item in items:
+        if "trained_runs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("trained_runs"))
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ MARKER = "PWNED"
 
 @pytest.fixture(scope="module")
 def env(disc_world):
-    return dict(disc_world, nnUNet_def_n_proc="1", OMP_NUM_THREADS="1")
+    return disc_world
 
 
 def tree(pid: int) -> dict[int, str]:

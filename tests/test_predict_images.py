@@ -234,6 +234,20 @@ def test_no_images_is_an_error_listing_the_folder(trained, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+# another process: the same ops, summed in another order where the threads differ (nnU-Net caps its
+# network's at nnUNet_def_n_proc, the CLI sets the rest to the CPU count), so float32's last bits
+FLOAT_NOISE = 1e-4
+
+
+def assert_labels_of_cli(labels: np.ndarray, out: Path, name: str) -> None:
+    """labels are what `segframe predict` wrote for `name`, wherever its probabilities are further from
+    a tie than float noise (nearly everywhere)."""
+    reference = probs(out, name)
+    clear = np.abs(reference[1] - reference[0]) > 2 * FLOAT_NOISE
+    assert clear.mean() > 0.9
+    assert np.array_equal(labels[clear], np.asarray(Image.open(out / f"{name}.png"))[clear])
+
+
 def test_python_api_matches_segframe_predict(trained, predicted):
     import segframe
 
@@ -243,12 +257,12 @@ def test_python_api_matches_segframe_predict(trained, predicted):
     predictor = segframe.Predictor.from_results(folder, folds=[0], device="cpu", notify=notes.append)
     labels, probabilities = predictor.predict(images / "plain.png", probabilities=True)
     assert labels.shape == (64, 64) and probabilities.shape == (2, 64, 64)
-    assert np.array_equal(labels, np.asarray(Image.open(out / "plain.png")))
-    np.testing.assert_allclose(probabilities, probs(out, "plain"), atol=1e-6)
+    np.testing.assert_allclose(probabilities, probs(out, "plain"), atol=FLOAT_NOISE)
+    assert_labels_of_cli(labels, out, "plain")
     assert np.array_equal(predictor.predict(rgb), labels)                                    # numpy (H, W, C)
     with Image.open(images / "opaque.png") as im:
         assert np.array_equal(predictor.predict(im), labels)                                 # PIL RGBA
-    assert np.array_equal(predictor.predict(images / "gray.bmp"), np.asarray(Image.open(out / "gray.png")))
+    assert_labels_of_cli(predictor.predict(images / "gray.bmp"), out, "gray")
     assert notes.count("gray images: the channel repeated to RGB, as the model was trained on RGB") == 1
     with pytest.raises(ImageError, match="see_through.png: has transparent pixels"):
         predictor.predict(images / "see_through.png")

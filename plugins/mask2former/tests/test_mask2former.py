@@ -32,7 +32,6 @@ from segframe.config import validate_config
 from segframe.model import ViTSegModel
 from segframe.plugins import HeadContext, get_registry, reset_registry
 
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 2 cores unless told otherwise
 README = Path(__file__).resolve().parents[1] / "README.md"
 K = 4  # classes in the parity tests
 CHANNELS = [8, 16, 32, 64]  # the tiny Swin's stage widths: levels of different width at strides 4..32
