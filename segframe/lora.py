@@ -3,16 +3,16 @@
 Adapters are injected in place into the backbone's timm module with
 `peft.inject_adapter_in_model`, so there is no PeftModel wrapper: state-dict keys stay those
 of the model (`...attn.qkv.base_layer.weight`, `...attn.qkv.lora_A.default.weight`) and the
-same module tree is rebuilt from the config alone.
+same module tree is rebuilt from the config alone. peft (and the transformers it imports, over a
+second of every process start) is imported only where adapters are added: before that no module can
+hold a peft layer.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 
-from peft import LoraConfig as PeftLoraConfig
-from peft import inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from segframe.config import LoraConfig
@@ -38,8 +38,17 @@ def _block_linears(module: nn.Module) -> list[str]:
                    if isinstance(m, nn.Linear) and re.search(r"blocks\.0\.", name)})
 
 
+def _tuner_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """module's peft layers (name, layer); none while peft was never imported."""
+    if "peft" not in sys.modules:
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
 def has_lora(module: nn.Module) -> bool:
-    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+    return bool(_tuner_layers(module))
 
 
 def add_lora(module: nn.Module, lora: LoraConfig) -> nn.Module:
@@ -48,6 +57,9 @@ def add_lora(module: nn.Module, lora: LoraConfig) -> nn.Module:
     peft freezes every other parameter of `module` and leaves the adapters trainable; the
     adapters' B matrices start at zero, so outputs are unchanged until training moves them.
     """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
     config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.lora_alpha,
@@ -72,7 +84,7 @@ def merge_lora(module: nn.Module) -> int:
 
     Afterwards the module tree and state-dict keys are those of the model without LoRA.
     """
-    tuners = [(name, m) for name, m in module.named_modules() if isinstance(m, BaseTunerLayer)]
+    tuners = _tuner_layers(module)
     for name, layer in tuners:
         layer.merge()
         parent_name, _, child = name.rpartition(".")

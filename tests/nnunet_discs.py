@@ -69,11 +69,11 @@ def nnunet_env(root: Path, dataset: int, name: str, train: int, test: int, size:
     """An environment whose nnUNet_raw/_preprocessed/_results live under `root`, holding dataset
     `dataset` (`train` + `test` disc cases of `size` px), planned and preprocessed for 2d."""
     # nnUNet_def_n_proc: nnU-Net's validation, evaluation and export pools spawn 8 processes each by
-    # default, every one importing torch; on 2 cores that alone cost ~10 s per training run. One thread
-    # per process: the runs go two at a time, and more OpenMP threads than free cores spin (epochs
-    # 25 times slower, seen on 2 cores)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", nnUNet_compile="f", nnUNet_def_n_proc="1",
-               OMP_NUM_THREADS="1", **extra)
+    # default, every one importing torch; on 2 cores that alone cost ~10 s per training run (and
+    # nnUNet_npp/_nps: stock nnUNetv2_predict's 3 + 3). One thread per process: the runs go two at a
+    # time, and more OpenMP threads than free cores spin (epochs 25 times slower, seen on 2 cores)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", nnUNet_compile="f", nnUNet_def_n_proc="1", nnUNet_npp="1",
+               nnUNet_nps="1", OMP_NUM_THREADS="1", **extra)
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env[var] = str(root / var)
         (root / var).mkdir()

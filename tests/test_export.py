@@ -25,8 +25,10 @@ from segframe.nnunet.export import export_onnx  # noqa: E402
 
 SIZES = [(97, 131), (192, 192), (257, 300)]  # dinov3 tiny: patch 16, so 192 needs no padding
 SMALL = {"mask2former": {"num_queries": 8, "decoder_layers": 2, "pixel_decoder_layers": 1, "num_points": 256}}
-CASES = [(name, SIZES[i % 3], False) for i, name in enumerate(sorted(get_registry().decoders()))]
-CASES.append(("linear", SIZES[2], True))  # the detail path (model.detail), cheap on the cheapest head
+# every size on some heads, the costliest head (mask2former) at the smallest
+ORDER = sorted(get_registry().decoders(), key=lambda name: (name != "mask2former", name))
+CASES = [(name, SIZES[i % 3], False) for i, name in enumerate(ORDER)]
+CASES.append(("linear", SIZES[0], True))  # the detail path (model.detail), cheap on the cheapest head
 
 
 def build(decoder: str, detail: bool) -> ViTSegModel:
