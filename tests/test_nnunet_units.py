@@ -102,6 +102,28 @@ def test_intensity_warning():
     assert "model.normalize: backbone" in intensity_warning(rgb, "none")
 
 
+def test_cpu_device_takes_omp_num_threads_or_every_core(monkeypatch):
+    """-device cpu: torch threads = OMP_NUM_THREADS when set (nnU-Net's CLIs take every core whatever it
+    says, so two CPU runs side by side each spun on all cores), else os.cpu_count(); a bad value is
+    refused in one line."""
+    from segframe.errors import SegframeError
+    from segframe.nnunet.cli import _device
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert _device("cpu") == torch.device("cpu") and torch.get_num_threads() == 3
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        _device("cpu")
+        assert torch.get_num_threads() == os.cpu_count()
+        for bad in ("0", "two", "-1"):
+            monkeypatch.setenv("OMP_NUM_THREADS", bad)
+            with pytest.raises(SegframeError, match=f"OMP_NUM_THREADS='{bad}': set it to a whole number"):
+                _device("cpu")
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_auxiliary_logits_match_the_output_size():
     cfg = tiny_config(decoder={"name": "upernet", "hidden_size": 16, "auxiliary_head": True}, neck="pyramid")
     model = ViTSegModel(cfg, in_channels=3, num_classes=3).train()

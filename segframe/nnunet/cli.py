@@ -26,6 +26,18 @@ def use_ext_trainer() -> None:
         os.environ["nnUNet_extTrainer"] = os.pathsep.join([*paths, str(EXT_TRAINER_DIR)])
 
 
+def cpu_threads() -> int:
+    """Torch threads of a CPU run: OMP_NUM_THREADS when it is set to a whole number >= 1, else every core
+    (nnU-Net's CLIs always take every core; two runs side by side then each spin on both)."""
+    text = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise SegframeError(f"OMP_NUM_THREADS={text!r}: set it to a whole number >= 1, or unset it to "
+                                "use every core")
+        return int(text)
+    return os.cpu_count() or 1
+
+
 def _device(name: str):
     import torch
 
@@ -34,7 +46,7 @@ def _device(name: str):
     if name == "mps" and not torch.backends.mps.is_available():
         raise SegframeError("-device mps: MPS is not available here; use -device cpu")
     if name == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(cpu_threads())
     return torch.device(name)
 
 
