@@ -23,14 +23,17 @@ from nnunet_discs import BIN, DATASET, NAME, TRAINER, results, run, segframe  # 
 EPOCHS, ITERATIONS = 6, 10
 # Dice on held-out cases that shows the head learned: predicting all background gives 0, all
 # foreground about 0.2 (discs cover ~10% of an image); a thresholded image gives ~0.95. Measured:
-# see the printed line (0.9+ on an idle machine in this budget).
+# see the printed line (0.94-0.96 with seeds 0-4 in this budget). The run is seeded (train.seed):
+# unseeded, a run now and then stays at its first epochs' all-foreground answer to the end (0.21,
+# seen once in CI), and the test would pass or fail by chance.
 MIN_DICE = 0.8
 CONFIG = {
     "model": {"backbone": "dinov2", "backbone_size": "tiny",
               "decoder": {"name": "mask2former", "hidden_size": 32, "num_queries": 10, "decoder_layers": 3,
                           "pixel_decoder_layers": 1, "num_heads": 4, "num_points": 1024}},
     "train": {"initial_lr": 1e-3, "num_epochs": EPOCHS, "num_iterations_per_epoch": ITERATIONS,
-              "num_val_iterations_per_epoch": 2, "warmup_epochs": 1, "batch_size": 8, "save_every": 1},
+              "num_val_iterations_per_epoch": 2, "warmup_epochs": 1, "batch_size": 8, "save_every": 1,
+              "seed": 0},
 }
 
 
