@@ -4,7 +4,7 @@ trained with several seeds and reported as mean ± sd.
 
 Run: .venv/bin/python benchmarks/chase_dice.py [--data ../shared/data/CHASEDB1] [--work bench_output]
      [--epochs 12] [--iterations 50] [--seeds 3] [--rows unet upernet segformer upernet+detail ...]
-     [--check] [--reuse] [--write]
+     [--check] [--reuse] [--write [--section NAME]]
 
 A row is `unet` (nnU-Net's U-Net) or `DECODER[+detail][+srec][+pN]` for any installed decoder: DINOv3-S
 with that head (UperNet on the pyramid neck as in configs/demo.yaml, every other head on the identity
@@ -19,7 +19,8 @@ nnU-Net's augmentation is random, so one run of a row is one draw: `--seeds N` t
 with train.seed 0..N-1 (the seed of the training process and of every augmentation worker, docs/data.md;
 the U-Net row gets it as BENCH_SEED), seed by seed over all rows, and the table gives mean ± sd (sample
 standard deviation) over the runs and how many runs each row has. `--reuse` takes the runs an interrupted
-run finished (work/rows/ROW_sSEED.json).
+run finished (work/rows/ROW_sSEED.json). `--write` replaces the dataset's section of BENCHMARKS.md;
+`--section NAME` writes a run of a few rows into a section of its own instead.
 
 Every row trains on fold 0 of the training images (`--data`: a CHASE_DB1 or DRIVE folder, converted as
 `segframe data` does; the table names the dataset and test images actually used) for the same epochs x
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import statistics
 import sys
 import time
@@ -272,9 +274,15 @@ def main() -> None:
                         help="take the runs an interrupted run finished (work/rows/ROW_sSEED.json, one per "
                              "row and seed) instead of training them again")
     parser.add_argument("--write", action="store_true", help="also update this section of BENCHMARKS.md")
+    parser.add_argument("--section", metavar="NAME",
+                        help="the BENCHMARKS.md section to write (default: chase-dice-cpu, or "
+                             "DATASET-dice-cpu for another dataset); a run of a few rows into a section of "
+                             "its own leaves the full table as it is")
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if args.section is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", args.section):
+        parser.error(f"--section {args.section!r}: use lowercase letters, digits and '-'")
 
     from segframe.model import ViTSegModel
 
@@ -322,14 +330,14 @@ def main() -> None:
             # written after every run, so a long run keeps what it measured if a later one fails
             info = dataset_info(dataset, pre)
             lines = table(records, args, source, info)
-            (work / f"{section_name(info)}.md").write_text("\n".join(lines) + "\n")
+            (work / f"{args.section or section_name(info)}.md").write_text("\n".join(lines) + "\n")
             r, m = records[-1], records[-1]["metrics"]
             print(f"{r['label']} seed {seed}: Dice {m['dice']:.4f}, clDice {m['cldice']:.4f}, thin-vessel "
                   f"sensitivity {m['thin_sensitivity']:.4f}, train {r['train_s']:.0f} s, "
                   f"predict {r['predict_s']:.0f} s", flush=True)
 
     info = dataset_info(dataset, pre)
-    publish(section_name(info), table(records, args, source, info), args.write)
+    publish(args.section or section_name(info), table(records, args, source, info), args.write)
 
 
 if __name__ == "__main__":
