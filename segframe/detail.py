@@ -15,11 +15,10 @@ and the path learns the detail on top.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from segframe.upsample import norm_groups
+from segframe.upsample import norm_groups, resize
 
 STRIDES = (1, 2, 4, 8)
 
@@ -42,12 +41,6 @@ def _unit(ch_in: int, ch_out: int, norm: str, stride: int = 1) -> nn.Sequential:
 
 def _block(ch_in: int, ch_out: int, norm: str, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(_unit(ch_in, ch_out, norm, stride), _unit(ch_out, ch_out, norm))
-
-
-def _resize(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 class DetailPath(nn.Module):
@@ -98,8 +91,8 @@ class DetailPath(nn.Module):
         x = None
         for i in reversed(range(len(skips))):
             size = skips[i].shape[-2:]
-            head = _resize(logits, size).to(skips[i].dtype)
-            parts = ([] if x is None else [_resize(x, size)]) + [skips[i], head]
+            head = resize(logits, size).to(skips[i].dtype)
+            parts = ([] if x is None else [resize(x, size)]) + [skips[i], head]
             x = self._run(self.decoder[i], torch.cat(parts, dim=1))
         size = image.shape[-2:]
-        return _resize(logits, size) + self.out(x).to(logits.dtype)
+        return resize(logits, size) + self.out(x).to(logits.dtype)

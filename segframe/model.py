@@ -21,7 +21,7 @@ from segframe.detail import DetailPath
 from segframe.errors import ConfigError, PluginError, SegframeError
 from segframe.lora import add_lora, format_counts, has_lora, merge_lora, parameter_counts
 from segframe.plugins import DecoderInputs, HeadContext, get_registry
-from segframe.upsample import build_neck, build_upsampler
+from segframe.upsample import build_neck, build_upsampler, crop, resize
 
 log = logging.getLogger(__name__)
 
@@ -203,11 +203,9 @@ class ViTSegModel(nn.Module):
         h, w = x.shape[-2:]
         p = self.patch_size
         ph, pw = -h % p, -w % p
-        if pw:
-            x = F.pad(x, (0, pw, 0, 0), mode="reflect" if pw < w else "replicate")
-        if ph:
-            x = F.pad(x, (0, 0, 0, ph), mode="reflect" if ph < h else "replicate")
-        return x
+        # padding by 0 is the identity: no branch on the size, so an exported graph keeps it dynamic
+        x = F.pad(x, (0, pw, 0, 0), mode="reflect" if pw < w else "replicate")
+        return F.pad(x, (0, 0, 0, ph), mode="reflect" if ph < h else "replicate")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | Any:
         """Logits (B, num_classes, H, W); in training mode a head that owns its loss returns its raw
@@ -223,9 +221,8 @@ class ViTSegModel(nn.Module):
         else:
             logits = self.upsampler(head_out, x.shape[-2:])
         aux = getattr(self.decoder, "auxiliary_logits", None)
-        self.auxiliary_logits = None if aux is None else F.interpolate(
-            aux, size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
-        return logits[..., :h, :w]
+        self.auxiliary_logits = None if aux is None else crop(resize(aux, x.shape[-2:]), h, w)
+        return crop(logits, h, w)
 
     def _head_inputs(self, x: torch.Tensor) -> list[torch.Tensor] | DecoderInputs:
         """What the head reads: the neck's maps (contract 1), or a DecoderInputs with exactly the

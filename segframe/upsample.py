@@ -13,8 +13,27 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from segframe.errors import ConfigError
+
+
+def resize(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (B, C, h, w) maps to `size`; `x` itself when the sizes are equal.
+
+    The comparison never adds a guard while torch.export traces symbolic sizes: where it cannot be
+    decided it interpolates, which at equal sizes is the identity (align_corners=False, scale 1).
+    """
+    size = tuple(size)
+    if all(statically_known_true(a == b) for a, b in zip(x.shape[-2:], size, strict=True)):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The top-left `height` x `width` of (B, C, H, W) maps, as a new tensor: a negative pad, which
+    torch.export traces for symbolic sizes (a slice view makes it guard on whether anything was cut)."""
+    return F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]))
 
 
 def _stride(value: float) -> int | float:
@@ -86,9 +105,7 @@ class BilinearUpsampler(nn.Module):
     num_stages = 0
 
     def forward(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        if tuple(logits.shape[-2:]) == tuple(size):
-            return logits
-        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+        return resize(logits, size)
 
 
 def norm_groups(channels: int) -> int:
@@ -127,15 +144,10 @@ class ProgressiveUpsampler(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        size = tuple(size)
         x = logits
         for stage in self.stages:
             x = stage(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
-        if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        base = logits if tuple(logits.shape[-2:]) == size else F.interpolate(
-            logits, size=size, mode="bilinear", align_corners=False)
-        return base + self.out(x)
+        return resize(logits, size) + self.out(resize(x, size))
 
 
 def build_upsampler(kind: str, num_classes: int, output_stride: float) -> nn.Module:

@@ -57,6 +57,7 @@ def test_onnx_logits_match_pytorch(decoder, size, detail, tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
     assert [o.name for o in session.get_outputs()] == ["logits"]
+    assert session.get_inputs()[0].shape == ["batch", 3, *size]
     for batch in (1, 2):
         x = torch.rand(batch, 3, *size) * 4 - 1  # not only [0, 1]: the graph normalises what it gets
         with torch.no_grad():
@@ -68,22 +69,34 @@ def test_onnx_logits_match_pytorch(decoder, size, detail, tmp_path):
         session.run(None, {"image": np.zeros((1, 3, size[0] + 1, size[1]), np.float32)})
 
 
-def test_dynamic_size_is_exact_or_refused(tmp_path):
-    """Without a fallback size, export_onnx either gives a graph for any height and width whose logits
-    match at every size, or (when the forward fixes the size: today timm's DINOv3 RoPE grid and the
-    padding branch in ViTSegModel.pad) one clear error and no file, never a graph that is wrong."""
-    model = build("linear", False)
+def test_dinov3_exports_for_every_image_size(tmp_path):
+    """DINOv3 with the detail path: one graph with symbolic height and width (padding, RoPE grid,
+    resize and crop all follow the input), whose logits match PyTorch's at every size and batch."""
+    model = build("linear", True)
     path = tmp_path / "model.onnx"
-    try:
-        graph = export_onnx(model, path)
-    except SegframeError as exc:
-        assert "cannot export the network with a dynamic image size" in str(exc) and "guard" in str(exc)
-        assert not list(tmp_path.iterdir())
-        return
-    assert graph["dynamic_size"]
+    graph = export_onnx(model, path)
+    assert graph == {"dynamic_size": True, "size": None, "reason": None, "min_size": [32, 32]}
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for size in SIZES:
-        x = torch.rand(2, 3, *size)
+    assert session.get_inputs()[0].shape == ["batch", 3, "height", "width"]
+    for i, size in enumerate([*SIZES, (32, 47)]):
+        x = torch.rand(1 + i % 2, 3, *size) * 4 - 1
         with torch.no_grad():
             expected = model(x).numpy()
-        assert np.abs(session.run(None, {"image": x.numpy()})[0] - expected).max() < 1e-3, size
+        got = session.run(None, {"image": x.numpy()})[0]
+        assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-3, size
+
+
+def test_a_network_that_fixes_the_size_is_refused_or_fixed_never_wrong(tmp_path):
+    """DINOv2's position-embedding resize (the DINOv2 code's Python scale factor) fixes the token grid:
+    without a fallback, one error naming the guard and no file; with one, a graph of that size."""
+    cfg = tiny_config("dinov2", "linear")
+    model = ViTSegModel(validate_config(cfg), in_channels=3, num_classes=2).eval()
+    with pytest.raises(SegframeError, match=r"^cannot export the network with a dynamic image size: .*guard"):
+        export_onnx(model, tmp_path / "model.onnx")
+    assert not list(tmp_path.iterdir())
+    graph = export_onnx(model, tmp_path / "model.onnx", fallback_size=(56, 70))
+    assert graph["size"] == [56, 70] and not graph["dynamic_size"] and "guard" in graph["reason"]
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.rand(1, 3, 56, 70)
+    with torch.no_grad():
+        assert np.abs(session.run(None, {"image": x.numpy()})[0] - model(x).numpy()).max() < 1e-3

@@ -124,9 +124,8 @@ def test_export_of_a_results_folder(world, tmp_path):
     assert [c["scheme"] for c in info["channels"]] == ["RGBTo01Normalization"] * 3
     assert all(c["raw_to_input"].startswith("x / 255") for c in info["channels"])
     assert info["patch_size"] == [48, 48] and info["input"]["shape"][:2] == ["batch", 3]
-    if info["input"]["shape"][2:] != ["height", "width"]:  # the network fixes the size: nnU-Net's patch
-        assert info["input"]["shape"][2:] == [48, 48] and info["input"]["fixed_size_reason"]
-        assert "the network fixes the image size" in out.stdout
+    assert info["input"]["shape"][2:] == ["height", "width"] and info["input"]["min_size"] == [32, 32]
+    assert "fixed_size_reason" not in info["input"] and "fixes the image size" not in out.stdout
     assert info["segframe_version"] and info["decoder"] == "linear" and info["fold"] == "0"
 
     fold = folder / "fold_0"
@@ -140,6 +139,7 @@ def test_export_of_a_results_folder(world, tmp_path):
         x = (rgb / 255).transpose(2, 0, 1)[None]  # what the JSON says: x / 255 per channel
         labels = session.run(None, {"image": x})[0][0].argmax(0)
         assert (labels == np.asarray(Image.open(tmp_path / "pred" / f"{case}.png"))).mean() > 0.999
+    assert session.run(None, {"image": np.zeros((2, 3, 61, 75), np.float32)})[0].shape == (2, 2, 61, 75)
 
     # an existing file is refused unless --overwrite; refusals touch nothing
     before = digest(tmp_path)

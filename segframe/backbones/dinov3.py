@@ -117,6 +117,9 @@ def build(size: str, params: DinoV3Params, in_chans: int = 3) -> Backbone:
         # Same maths; timm's default F.linear(x, qkv.weight, bias) bypasses qkv.forward, so a
         # LoRA (peft) wrapped around `attn.qkv` would silently do nothing.
         blk.attn.qkv_bias_separate = True
+    from segframe.backbones.rope import SymbolicGridRope
+
+    vit.rope.__class__ = SymbolicGridRope  # the same numbers, and exports keep the image size dynamic
     # Persistent, so the file's exact periods load with the rest and travel with saved models.
     vit.rope.register_buffer("periods", vit.rope.periods, persistent=True)
     if params.rope_rescale_coords is not None:

@@ -103,16 +103,18 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int]
         shapes.update({2: torch.export.Dim("height", min=2 * p), 3: torch.export.Dim("width", min=2 * p)})
     try:
         program = torch.export.export(model, (example,), dynamic_shapes=(shapes,), strict=False)
-    except torch._dynamo.exc.UserError as exc:  # a constraint violation: the forward fixes the size
+    except Exception as exc:  # noqa: BLE001 - every tracing failure becomes one line
+        violation = isinstance(exc, torch._dynamo.exc.UserError)  # the forward fixes the size
         if size is not None:
-            raise SegframeError(f"cannot export the network for {size[0]}x{size[1]} images with a dynamic "
-                                f"batch: {_specialization(exc)}") from None
+            if violation:
+                raise SegframeError(f"cannot export the network for {size[0]}x{size[1]} images with a "
+                                    f"dynamic batch: {_specialization(exc)}") from None
+            raise _export_error(model, exc) from None
+        # symbolic sizes failed (a guard, or a tracer error on them): a fixed size may still export
+        reason = _specialization(exc) if violation else f"tracing symbolic sizes failed: {_first_line(exc)}"
         if fallback_size is None:
-            raise SegframeError("cannot export the network with a dynamic image size, the forward fixes it: "
-                                f"{_specialization(exc)}") from None
-        return {**export_onnx(model, path, tuple(fallback_size)), "reason": _specialization(exc)}
-    except Exception as exc:  # noqa: BLE001 - every tracing failure becomes one line naming the op
-        raise _export_error(model, exc) from None
+            raise SegframeError(f"cannot export the network with a dynamic image size: {reason}") from None
+        return {**export_onnx(model, path, tuple(fallback_size)), "reason": reason}
     optimizer_log = logging.getLogger("onnxscript")
     level = optimizer_log.level
     optimizer_log.setLevel(logging.ERROR)  # one "Skipping constant folding" line per Split otherwise
@@ -124,6 +126,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int]
         raise _export_error(model, exc) from None
     finally:
         optimizer_log.setLevel(level)
+    import onnx_ir as ir  # onnxscript's IR: the exporter names symbolic dimensions s0, s1, ...
+
+    for value in (onnx_program.model.graph.inputs[0], onnx_program.model.graph.outputs[0]):
+        dims = list(value.shape)
+        value.shape = ir.Shape(["batch", dims[1], *(["height", "width"] if size is None else dims[2:])])
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         onnx_program.save(str(tmp), external_data=False)
@@ -142,8 +149,11 @@ def _export_error(model: nn.Module, exc: BaseException) -> SegframeError:
     if op:
         return SegframeError(f"cannot export {what} to ONNX: the exporter has no translation for operator "
                              f"{op} ({type(exc).__name__})")
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
-    return SegframeError(f"cannot export {what} to ONNX: {type(exc).__name__}: {first}")
+    return SegframeError(f"cannot export {what} to ONNX: {_first_line(exc)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
 
 
 def describe(loaded: SimpleNamespace, model: nn.Module, graph: dict[str, Any], fold: str,
