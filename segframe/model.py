@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from segframe.backbones.checkpoint import LoadReport
 from segframe.config import SegframeConfig, validate_config
@@ -203,9 +204,13 @@ class ViTSegModel(nn.Module):
         h, w = x.shape[-2:]
         p = self.patch_size
         ph, pw = -h % p, -w % p
-        # padding by 0 is the identity: no branch on the size, so an exported graph keeps it dynamic
-        x = F.pad(x, (0, pw, 0, 0), mode="reflect" if pw < w else "replicate")
-        return F.pad(x, (0, 0, 0, ph), mode="reflect" if ph < h else "replicate")
+        # skipped only where the pad is known to be 0 (never a guard on a traced size: a pad of 0 is
+        # the identity), so an exported graph keeps the size dynamic
+        if not statically_known_true(pw == 0):
+            x = F.pad(x, (0, pw, 0, 0), mode="reflect" if pw < w else "replicate")
+        if not statically_known_true(ph == 0):
+            x = F.pad(x, (0, 0, 0, ph), mode="reflect" if ph < h else "replicate")
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | Any:
         """Logits (B, num_classes, H, W); in training mode a head that owns its loss returns its raw

@@ -31,9 +31,13 @@ def resize(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
 
 
 def crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The top-left `height` x `width` of (B, C, H, W) maps, as a new tensor: a negative pad, which
-    torch.export traces for symbolic sizes (a slice view makes it guard on whether anything was cut)."""
-    return F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]))
+    """The top-left `height` x `width` of (B, C, H, W) maps; `x` itself when nothing is cut.
+
+    The cut is a negative pad, which torch.export traces for symbolic sizes (a slice view makes it
+    guard on whether anything was cut); as in `resize`, the no-op is taken only where it is known.
+    """
+    cut = (0, width - x.shape[-1], 0, height - x.shape[-2])
+    return x if all(statically_known_true(c == 0) for c in cut) else F.pad(x, cut)
 
 
 def _stride(value: float) -> int | float:

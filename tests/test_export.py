@@ -27,7 +27,7 @@ SIZES = [(97, 131), (192, 192), (257, 300)]  # dinov3 tiny: patch 16, so 192 nee
 SMALL = {"mask2former": {"num_queries": 8, "decoder_layers": 2, "pixel_decoder_layers": 1, "num_points": 256}}
 # every size on some heads, the costliest head (mask2former) at the smallest
 ORDER = sorted(get_registry().decoders(), key=lambda name: (name != "mask2former", name))
-CASES = [(name, SIZES[i % 3], False) for i, name in enumerate(ORDER)]  # the detail path: dynamic test below
+CASES = [(name, SIZES[i % 3]) for i, name in enumerate(ORDER)]  # the detail path: the dynamic test
 
 
 def build(decoder: str, detail: bool) -> ViTSegModel:
@@ -46,10 +46,9 @@ def build(decoder: str, detail: bool) -> ViTSegModel:
     return model
 
 
-@pytest.mark.parametrize(("decoder", "size", "detail"), CASES,
-                         ids=[f"{d}-{h}x{w}{'-detail' if x else ''}" for d, (h, w), x in CASES])
-def test_onnx_logits_match_pytorch(decoder, size, detail, tmp_path):
-    model = build(decoder, detail)
+@pytest.mark.parametrize(("decoder", "size"), CASES, ids=[f"{d}-{h}x{w}" for d, (h, w) in CASES])
+def test_onnx_logits_match_pytorch(decoder, size, tmp_path):
+    model = build(decoder, False)
     path = tmp_path / "model.onnx"
     graph = export_onnx(model, path, size=size)
     assert graph == {"dynamic_size": False, "size": list(size), "reason": None}

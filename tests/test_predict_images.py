@@ -173,8 +173,9 @@ def logit_quantum(folder: Path, shape: tuple[int, int]) -> np.ndarray:
     patch = json.loads((folder / "plans.json").read_text())["configurations"]["2d"]["patch_size"]
     gaussian = compute_gaussian(tuple(patch), 1 / 8, 10, torch.float16, torch.device("cpu")).float().numpy()
     weight = np.zeros(shape)
-    for y in compute_steps_for_sliding_window(shape, patch, 0.5)[0]:
-        for x in compute_steps_for_sliding_window(shape, patch, 0.5)[1]:
+    rows, columns = compute_steps_for_sliding_window(shape, patch, 0.5)
+    for y in rows:
+        for x in columns:
             weight[y:y + patch[0], x:x + patch[1]] += gaussian
     return 2.0**-24 / weight + 2.0**-9
 
