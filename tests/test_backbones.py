@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
+from timm.layers import resample_abs_pos_embed
 
 from segframe.backbones import default_layers, dinov2, dinov3, retfound, visionfm
-from segframe.backbones.base import resample_pos_embed
+from segframe.backbones.bicubic import bicubic_resize
 from segframe.errors import ConfigError, SegframeError
 from segframe.plugins import get_registry
 
@@ -173,16 +174,37 @@ def test_dinov2_official_pos_embed_resize():
     for h0, w0 in [(20, 30), (16, 16), (40, 23)]:
         ref = dinov2_official_interpolate(pos, h0 * 14, w0 * 14, 14)
         torch.testing.assert_close(used_pos_embed(b.vit, h0, w0), ref)  # float32 tolerance: ops may reorder
-        timm_way = resample_pos_embed(pos, (h0, w0), (37, 37), 1, "antialias")
+        timm_way = resample_abs_pos_embed(pos, [h0, w0], [37, 37], 1)
         assert (timm_way - ref).abs().max() > 1e-2  # the option matters away from 518
     torch.testing.assert_close(used_pos_embed(b.vit, 37, 37), pos)  # 518 input: no resize at all
-    t = tiny("dinov2", pos_embed_resize="timm")
-    assert type(t.vit).__name__ == "VisionTransformer"
 
 
-def test_registers_official_resize_is_timms():
-    """The _reg4 models resize with antialias and no offset in the official code, as timm does."""
-    assert type(tiny("dinov2", registers=True).vit).__name__ == "VisionTransformer"
+@pytest.mark.parametrize("opts", [{"pos_embed_resize": "timm"}, {"registers": True}])
+def test_dinov2_timm_and_registers_resize_as_timm(opts):
+    """pos_embed_resize: timm, and the _reg4 models (whose official code resizes with antialias and no
+    offset, as timm does): the numbers of timm's own `resample_abs_pos_embed`."""
+    b = tiny("dinov2", **opts)
+    with torch.no_grad():
+        b.vit.pos_embed.normal_()
+    with torch.no_grad():
+        out = b.vit._pos_embed(torch.zeros(1, 20, 30, b.vit.embed_dim))
+    ref = resample_abs_pos_embed(b.vit.pos_embed, [20, 30], [37, 37], 0 if b.vit.no_embed_class else 1)
+    torch.testing.assert_close(out[:, -600:], ref[:, -600:])
+
+
+@pytest.mark.parametrize("grid", [37, 14])
+@pytest.mark.parametrize("how", ["offset", "plain", "antialias"])
+def test_bicubic_matrices_are_interpolate(grid, how):
+    """segframe.backbones.bicubic against F.interpolate, up and down, square and not, down to 1x2."""
+    g = torch.randn(1, 8, grid, grid, generator=torch.Generator().manual_seed(grid))
+    for h, w in [(20, 30), (16, 16), (40, 23), (5, 7), (80, 3), (1, 2)]:
+        if how == "offset":
+            ref = F.interpolate(g, scale_factor=((h + 0.1) / grid, (w + 0.1) / grid), mode="bicubic")
+        else:
+            ref = F.interpolate(g, size=(h, w), mode="bicubic", antialias=how == "antialias")
+        offset = 0.1 if how == "offset" else 0.0
+        got = bicubic_resize(g[0], (h, w), offset=offset, antialias=how == "antialias")
+        torch.testing.assert_close(got, ref[0], msg=f"{how} {grid} -> {h}x{w}")
 
 
 @pytest.mark.parametrize("family,opts", [("retfound", {}), ("visionfm", {})])

@@ -84,17 +84,48 @@ def test_dinov3_exports_for_every_image_size(tmp_path):
         assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-3, size
 
 
-def test_a_network_that_fixes_the_size_is_refused_or_fixed_never_wrong(tmp_path):
-    """DINOv2's position-embedding resize (the DINOv2 code's Python scale factor) fixes the token grid:
-    without a fallback, one error naming the guard and no file; with one, a graph of that size."""
-    cfg = tiny_config("dinov2", "linear")
+# one per position-embedding resize (segframe/backbones/bicubic.py): DINOv2's +0.1 offset, the _reg4
+# models' antialias (timm's), RETFound's plain bicubic (VisionFM resizes as RETFound does)
+LEARNED_POS_EMBED = [{"name": "dinov2"}, {"name": "dinov2", "registers": True}, {"name": "retfound"}]
+
+
+@pytest.mark.parametrize("backbone", LEARNED_POS_EMBED, ids=["dinov2", "dinov2_reg", "retfound"])
+def test_learned_position_embeddings_export_for_every_image_size(backbone, tmp_path):
+    """The position embedding is resized to the token grid inside the graph, so one graph serves
+    every size, patch 14 (DINOv2) and 16 (RETFound) alike."""
+    cfg = tiny_config(backbone, "linear")
+    torch.manual_seed(0)
     model = ViTSegModel(validate_config(cfg), in_channels=3, num_classes=2).eval()
+    with torch.no_grad():
+        model.backbone.vit.pos_embed.normal_()  # a resize that matters: no two grid cells alike
+    graph = export_onnx(model, tmp_path / "model.onnx")
+    p = model.patch_size
+    assert graph == {"dynamic_size": True, "size": None, "reason": None, "min_size": [2 * p, 2 * p]}
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for size in [*SIZES, (2 * p, 2 * p + 5)]:
+        x = torch.rand(1, 3, *size)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert np.abs(session.run(None, {"image": x.numpy()})[0] - expected).max() < 1e-3, size
+
+
+def test_a_network_that_fixes_the_size_is_refused_or_fixed_never_wrong(tmp_path, monkeypatch):
+    """A resize that compares sizes in Python (as segframe.upsample.resize must not) fixes the size:
+    without a fallback, one error naming the guard and no file; with one, a graph of that size."""
+    import segframe.upsample
+
+    def python_resize(x, size):
+        return x if tuple(x.shape[-2:]) == tuple(size) else torch.nn.functional.interpolate(
+            x, size=tuple(size), mode="bilinear", align_corners=False)
+
+    monkeypatch.setattr(segframe.upsample, "resize", python_resize)
+    model = ViTSegModel(validate_config(tiny_config("dinov3", "linear")), in_channels=3, num_classes=2).eval()
     with pytest.raises(SegframeError, match=r"^cannot export the network with a dynamic image size: .*guard"):
         export_onnx(model, tmp_path / "model.onnx")
     assert not list(tmp_path.iterdir())
-    graph = export_onnx(model, tmp_path / "model.onnx", fallback_size=(56, 70))
-    assert graph["size"] == [56, 70] and not graph["dynamic_size"] and "guard" in graph["reason"]
+    graph = export_onnx(model, tmp_path / "model.onnx", fallback_size=(64, 80))
+    assert graph["size"] == [64, 80] and not graph["dynamic_size"] and "guard" in graph["reason"]
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    x = torch.rand(1, 3, 56, 70)
+    x = torch.rand(1, 3, 64, 80)
     with torch.no_grad():
         assert np.abs(session.run(None, {"image": x.numpy()})[0] - model(x).numpy()).max() < 1e-3

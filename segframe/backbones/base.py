@@ -13,12 +13,12 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from segframe.backbones.bicubic import bicubic_resize
 from segframe.backbones.checkpoint import (
     CheckpointFormat,
     LoadReport,
@@ -46,25 +46,21 @@ def default_layers(depth: int) -> list[int]:
 def resample_pos_embed(
     pos: torch.Tensor, new_hw: tuple[int, int], old_hw: tuple[int, int], num_prefix: int, mode: str
 ) -> torch.Tensor:
-    """Resize a learned (1, prefix + h*w, D) position embedding to `new_hw`.
+    """Resize a learned (1, prefix + h*w, D) position embedding to `new_hw` (`pos` itself if equal).
 
     mode "antialias": timm's default (bicubic, antialias, exact output size).
     mode "plain": bicubic, no antialias, exact size (MAE/RETFound and VisionFM fine-tuning code).
     mode "offset": the DINO/DINOv2 code: bicubic, no antialias, scale factor (n + 0.1) / N.
+    All three are `F.interpolate`'s numbers, computed by segframe.backbones.bicubic so that the new
+    grid may be symbolic under torch.export; the no-op is taken only where the sizes are known equal.
     """
-    if mode != "offset":
-        antialias = mode == "antialias"
-        return resample_abs_pos_embed(pos, list(new_hw), list(old_hw), num_prefix, antialias=antialias)
-    if tuple(new_hw) == tuple(old_hw):
+    if all(statically_known_true(a == b) for a, b in zip(new_hw, old_hw, strict=True)):
         return pos
     prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
-    dim = pos.shape[-1]
-    grid = grid.float().reshape(1, old_hw[0], old_hw[1], dim).permute(0, 3, 1, 2)
-    scale = ((new_hw[0] + 0.1) / old_hw[0], (new_hw[1] + 0.1) / old_hw[1])
-    grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")
-    assert tuple(grid.shape[-2:]) == tuple(new_hw), (grid.shape, new_hw)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos.dtype)
-    return torch.cat([prefix, grid], dim=1)
+    grid = grid[0].float().T.reshape(pos.shape[-1], *old_hw)  # (D, h, w)
+    offset = 0.1 if mode == "offset" else 0.0
+    grid = bicubic_resize(grid, new_hw, offset=offset, antialias=mode == "antialias")
+    return torch.cat([prefix, grid.flatten(1).T[None].to(pos.dtype)], dim=1)
 
 
 class PosEmbedResizeViT(VisionTransformer):
@@ -77,7 +73,7 @@ class PosEmbedResizeViT(VisionTransformer):
     pos_embed_mode: str = "antialias"
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pos_embed is None or not self.dynamic_img_size or self.pos_embed_mode == "antialias":
+        if self.pos_embed is None or not self.dynamic_img_size:
             return super()._pos_embed(x)
         b, h, w, c = x.shape
         pos_embed = resample_pos_embed(

@@ -66,8 +66,8 @@ def build(size: str, params: DinoV2Params, in_chans: int = 3) -> Backbone:
     vit = timm.create_model(
         name, pretrained=False, num_classes=0, dynamic_img_size=True, in_chans=in_chans, **arch
     )
-    if params.pos_embed_resize == "official" and not params.registers:
-        set_pos_embed_resize(vit, "offset")
+    official = params.pos_embed_resize == "official" and not params.registers
+    set_pos_embed_resize(vit, "offset" if official else "antialias")  # timm's own resize guards on the size
     return Backbone(vit, family="dinov2", size=size, patch_size=14, intermediate_norm=True,
                     checkpoint_format=FORMAT)
 
