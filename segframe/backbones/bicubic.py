@@ -23,17 +23,18 @@ def _far(x: torch.Tensor, a: float) -> torch.Tensor:
     return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
 
 
-def bicubic_matrix(size_out: int, size_in: int, *, offset: float = 0.0, antialias: bool = False
-                   ) -> torch.Tensor:
+def bicubic_matrix(size_out: int, size_in: int, *, offset: float = 0.0, antialias: bool = False,
+                   device: torch.device | str | None = None) -> torch.Tensor:
     """The (size_out, size_in) float32 matrix of a 1-D bicubic resize.
 
     offset: the output size is treated as `size_out + offset` for the coordinate scale, as
     `F.interpolate(scale_factor=(size_out + offset) / size_in)` does (the DINOv2 code's 0.1).
     """
-    dst = torch.arange(size_out, dtype=torch.float32)
-    src = torch.arange(size_in, dtype=torch.float32)
-    # a tensor, so no Python number of the size; in float64 and then rounded, as the kernels do
-    scale = (size_in / (torch.ones((), dtype=torch.float64) * size_out + offset)).float()
+    dst = torch.arange(size_out, dtype=torch.float32, device=device)
+    src = torch.arange(size_in, dtype=torch.float32, device=device)
+    # a tensor, so no Python number of the size; in float64 (on the CPU: MPS has none) and then
+    # rounded, as the kernels do
+    scale = (size_in / (torch.ones((), dtype=torch.float64) * size_out + offset)).float().to(device)
     if antialias:
         stretch = scale.clamp(min=1.0)  # the support widens only when downscaling
         support = 2.0 * stretch
@@ -48,7 +49,7 @@ def bicubic_matrix(size_out: int, size_in: int, *, offset: float = 0.0, antialia
     first = torch.floor(pos)
     t = pos - first
     weights = (_far(t + 1, -0.75), _near(t, -0.75), _near(1 - t, -0.75), _far(2 - t, -0.75))
-    matrix = torch.zeros(size_out, size_in)
+    matrix = torch.zeros(size_out, size_in, device=device)
     for k, w in zip(range(-1, 3), weights, strict=True):
         index = (first + k).clamp(0, size_in - 1)
         matrix = matrix + w[:, None] * (index[:, None] == src[None])
@@ -63,7 +64,7 @@ def bicubic_resize(grid: torch.Tensor, size: tuple[int, int], *, offset: float =
     arithmetic would add guards (einsum and broadcasting matmul reshape).
     """
     channels = grid.shape[0]
-    rows = bicubic_matrix(size[0], grid.shape[-2], offset=offset, antialias=antialias)
-    cols = bicubic_matrix(size[1], grid.shape[-1], offset=offset, antialias=antialias)
+    rows = bicubic_matrix(size[0], grid.shape[-2], offset=offset, antialias=antialias, device=grid.device)
+    cols = bicubic_matrix(size[1], grid.shape[-1], offset=offset, antialias=antialias, device=grid.device)
     wide = torch.bmm(grid, cols.T.expand(channels, -1, -1))
     return torch.bmm(rows.expand(channels, -1, -1), wide)
