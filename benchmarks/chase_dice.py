@@ -6,12 +6,15 @@ Run: .venv/bin/python benchmarks/chase_dice.py [--data ../shared/data/CHASEDB1] 
      [--epochs 12] [--iterations 50] [--seeds 3] [--rows unet upernet segformer upernet+detail ...]
      [--check] [--reuse] [--write [--section NAME]]
 
-A row is `unet` (nnU-Net's U-Net) or `DECODER[+detail][+srec][+pN]` for any installed decoder: DINOv3-S
-with that head (UperNet on the pyramid neck as in configs/demo.yaml, every other head on the identity
+A row is `unet` (nnU-Net's U-Net) or `DECODER[+detail][+srec][+pN][+stepS]` for any installed decoder:
+DINOv3-S with that head (UperNet on the pyramid neck as in configs/demo.yaml, every other head on the identity
 neck, width 128 where the head has a `hidden_size`), `+detail` adds the detail path with its default
 options (model.detail), `+srec` the Skeleton Recall loss term with weight 1 (train.loss), `+pN`
 trains on NxN patches instead of 192x192 at the same iterations and batch (more pixels per step: the
-patch size as a lever, said in the label). Default rows: the U-Net,
+patch size as a lever, said in the label), `+stepS` predicts with nnU-Net's tile_step_size S instead of
+0.5 (`segframe predict --step_size`; fewer tiles); a row that differs from an earlier row of the run only
+in `+stepS` predicts with that row's trained model instead of training again (its train time is that
+run's). Default rows: the U-Net,
 UperNet and SegFormer with the detail path, then UperNet, UNETR, Primus, linear, Mask2Former and DPT
 without it (about 2.5 hours per seed on 2 CPU cores). `--check` builds every row's model and exits.
 
@@ -29,7 +32,9 @@ without mirroring. The U-Net is nnU-Net's planned PlainConvUNet with its stages 
 patch (what nnU-Net's planner does for that patch: pooling until the bottleneck is at least 4 pixels),
 trained by nnUNetTrainer's SGD/poly schedule; its budget does not change with the rows. Metrics are
 means over the test images inside the field of view (`segframe evaluate`). The test images are used
-only here: no early stopping, no threshold picked on them.
+only here: no early stopping, no threshold picked on them. The `val Dice` column is nnU-Net's own
+foreground Dice of its final validation of fold 0 (mirrored, full-image, outside the FOV too): the number
+to choose settings on.
 """
 
 from __future__ import annotations
@@ -59,12 +64,28 @@ NAMES = {"upernet": "UperNet", "segformer": "SegFormer", "dpt": "DPT", "unetr": 
          "linear": "linear", "mask2former": "Mask2Former"}
 
 
-def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig]:
-    """The label and config of a ViT row `DECODER[+detail][+srec][+pN]` (the demo's model and train
-    values)."""
+def split_step(row: str) -> tuple[str, float]:
+    """A row without its `+stepS` option, and S (nnU-Net's tile_step_size; 0.5 without the option)."""
+    decoder, *options = row.split("+")
+    steps = [o for o in options if o.startswith("step")]
+    if not steps:
+        return row, 0.5
+    try:
+        step = float(steps[-1][4:])
+    except ValueError:
+        step = 0.0
+    if len(steps) > 1 or not 0 < step <= 1:
+        raise ConfigError(f"row {row!r}: use one +stepS with 0 < S <= 1 (nnU-Net's tile_step_size)")
+    return "+".join([decoder, *(o for o in options if o not in steps)]), step
+
+
+def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, float]:
+    """The label, config and prediction tile step of a ViT row `DECODER[+detail][+srec][+pN][+stepS]`
+    (the demo's model and train values)."""
     from segframe.plugins import get_registry
 
-    decoder, *options = row.split("+")
+    trained, step = split_step(row)
+    decoder, *options = trained.split("+")
     registry = get_registry()
     if decoder not in registry.decoders():
         raise ConfigError(f"row {row!r}: unknown decoder {decoder!r}; installed: "
@@ -78,8 +99,8 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig]:
         elif option[:1] == "p" and option[1:].isdigit() and int(option[1:]) >= 16:
             patch = [int(option[1:])] * 2
         else:
-            raise ConfigError(f"row {row!r}: unknown option {option!r}; use +detail, +srec or +pN (a patch "
-                              "size)")
+            raise ConfigError(f"row {row!r}: unknown option {option!r}; use +detail, +srec, +pN (a patch "
+                              "size) or +stepS (a tile step)")
     if decoder == "upernet":
         model = demo.model
         label = "DINOv3-S + UperNet 128 (pyramid neck)"
@@ -99,7 +120,9 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig]:
     train = demo.train.model_copy(update={"patch_size": patch, "batch_size": 2, "loss": loss})
     if patch != PATCH:
         label += f", patch {patch[0]}x{patch[1]}"
-    return label, demo.model_copy(update={"model": model, "train": train})
+    if step != 0.5:
+        label += f", tile step {step:g}"
+    return label, demo.model_copy(update={"model": model, "train": train}), step
 
 
 def unet_plans(base: dict, patch: list[int], batch: int, name: str) -> dict:
@@ -160,9 +183,11 @@ def summarise(records: list[dict]) -> list[dict]:
     """The runs grouped by row (first-seen order): label, params, the seeds, and every number's runs."""
     rows: dict[str, dict] = {}
     for r in records:
-        row = rows.setdefault(r["row"], {"label": r["label"], "params": r["params"], "seeds": [],
-                                         "train_s": [], "predict_s": [], **{m: [] for m in METRICS}})
+        empty = {"seeds": [], "val_dice": [], "train_s": [], "predict_s": [], **{m: [] for m in METRICS}}
+        row = rows.setdefault(r["row"], {"label": r["label"], "params": r["params"], **empty})
         row["seeds"].append(r["seed"])
+        if r.get("val_dice") is not None:  # records of older runs have none
+            row["val_dice"].append(r["val_dice"])
         row["train_s"].append(r["train_s"])
         row["predict_s"].append(r["predict_s"])
         for m in METRICS:
@@ -190,20 +215,22 @@ def table(records: list[dict], args: argparse.Namespace, source: str, info: dict
         "CVPR 2021); thin sens.: recall of reference vessel pixels of local width <= 2 px (docs/data.md). "
         "`+ detail`: model.detail with its defaults (docs/detail.md).",
         "",
-        "| model | runs | params (M) | train (s) | predict (s) | Dice | clDice | thin sens. | IoU "
+        "| model | runs | params (M) | train (s) | predict (s) | val Dice | Dice | clDice | thin sens. | IoU "
         "| sensitivity | specificity | accuracy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cells = [r["label"], str(len(r["seeds"])), f"{r['params'] / 1e6:.1f}", mean_sd(r["train_s"], 0),
-                 mean_sd(r["predict_s"], 0), *(mean_sd(r[m], 4) for m in METRICS)]
+                 mean_sd(r["predict_s"], 0), mean_sd(r["val_dice"], 4) if r["val_dice"] else "",
+                 *(mean_sd(r[m], 4) for m in METRICS)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def run_row(key: str, seed: int, label_config: tuple | None, args: argparse.Namespace, env: dict,
-            dataset: Path, work: Path) -> dict:
-    """Train, predict and evaluate one row with one seed; the run's record."""
+            dataset: Path, work: Path, trained: dict | None = None) -> dict:
+    """Train, predict and evaluate one row with one seed; the run's record. `trained`: the record of
+    this seed's run of the same row without `+stepS`, whose model is predicted with instead of training."""
     dataset_id = dataset.name[7:10]
     pre = Path(env["nnUNet_preprocessed"]) / dataset.name
     images, refs, fov = dataset / "imagesTs", dataset / "labelsTs", dataset / "fovTs"
@@ -231,19 +258,23 @@ def run_row(key: str, seed: int, label_config: tuple | None, args: argparse.Name
         label = "nnU-Net default 2D U-Net (PlainConvUNet, nnUNetTrainer)"
         folder = results / f"nnUNetTrainerBench__{name}__2d"
     else:
-        label, cfg = label_config
+        label, cfg, step = label_config
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
-        # one plans name (and results folder) per row: the seed is a train value, so each run
-        # retrains it with --overwrite; what it measured is kept in its record
-        path = work / f"bench_{slug}.yaml"
-        path.write_text(dump_config(cfg))
+        # one plans name (and results folder) per trained row (+stepS only predicts): the seed is a
+        # train value, so each run retrains it with --overwrite; what it measured is kept in its record
+        train_slug = config_tag(split_step(key)[0])
         cli = [sys.executable, "-m", "segframe.cli"]
-        train_s = timed([*cli, "train", dataset_id, "2d", "0", "--config", str(path), "-device",
-                         "cpu", "--overwrite"], env)
-        name = plans_name("nnUNetPlans", f"bench_{slug}")
+        if trained is None:
+            path = work / f"bench_{train_slug}.yaml"
+            path.write_text(dump_config(cfg))
+            train_s = timed([*cli, "train", dataset_id, "2d", "0", "--config", str(path), "-device",
+                             "cpu", "--overwrite"], env)
+        else:
+            train_s = trained["train_s"]
+        name = plans_name("nnUNetPlans", f"bench_{train_slug}")
         folder = results_folder(results.parent, dataset.name, name, "2d")
         predict_s = timed([*cli, "predict", "-i", str(images), "-o", str(out), "-m", str(folder),
-                           "-f", "0", "-device", "cpu", "--disable_tta"], env)
+                           "-f", "0", "-device", "cpu", "--disable_tta", "--step_size", str(step)], env)
     import torch
 
     checkpoint = folder / "fold_0" / "checkpoint_final.pth"
@@ -251,8 +282,10 @@ def run_row(key: str, seed: int, label_config: tuple | None, args: argparse.Name
     params = sum(v.numel() for k, v in weights["network_weights"].items()
                  if v.is_floating_point() and "running_" not in k)
     metrics = evaluate_folders(out, refs, fov)["mean"]
+    summary = folder / "fold_0" / "validation" / "summary.json"
+    val_dice = json.loads(summary.read_text())["foreground_mean"]["Dice"] if summary.is_file() else None
     return {"row": key, "seed": seed, "label": label, "params": params, "train_s": train_s,
-            "predict_s": predict_s, "metrics": metrics}
+            "predict_s": predict_s, "val_dice": val_dice, "metrics": metrics}
 
 
 def main() -> None:
@@ -301,8 +334,8 @@ def main() -> None:
     except ConfigError as exc:
         parser.error(str(exc))
     if args.check:
-        for row, (label, cfg) in configs.items():
-            print(f"{row}: {label}; train patch {cfg.train.patch_size}")
+        for row, (label, cfg, step) in configs.items():
+            print(f"{row}: {label}; train patch {cfg.train.patch_size}, tile step {step:g}")
         print(f"each row trained with train.seed {', '.join(map(str, range(args.seeds)))}")
         return
 
@@ -315,6 +348,7 @@ def main() -> None:
         _run([_tool("nnUNetv2_plan_and_preprocess"), "-d", dataset_id, "-c", "2d", "-np", "2"], env)
 
     records = []
+    trained_here: dict[tuple[str, int], dict] = {}  # (row, seed) -> record, for runs trained by this process
     done_rows = work / "rows"
     done_rows.mkdir(exist_ok=True)
     # seed by seed over all rows: a partial run has every row, and slow drift of the machine spreads evenly
@@ -325,7 +359,10 @@ def main() -> None:
                 records.append(json.loads(record.read_text()))
                 print(f"{key} seed {seed}: reused from {record}", flush=True)
                 continue
-            records.append(run_row(key, seed, configs.get(key), args, env, dataset, work))
+            base = split_step(key)[0] if key != "unet" else key
+            trained = trained_here.get((base, seed)) if base != key else None
+            records.append(run_row(key, seed, configs.get(key), args, env, dataset, work, trained))
+            trained_here[(key, seed)] = records[-1]
             record.write_text(json.dumps(records[-1]))
             # written after every run, so a long run keeps what it measured if a later one fails
             info = dataset_info(dataset, pre)

@@ -6,11 +6,14 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from chase_dice import dataset_info, mean_sd, row_config, section_name, table, unet_plans  # noqa: E402
+from chase_dice import dataset_info, mean_sd, row_config, section_name, split_step, table, unet_plans  # noqa: E402
 from common import ROOT, write_section  # noqa: E402
 
 from segframe.config import load_config  # noqa: E402
+from segframe.errors import ConfigError  # noqa: E402
 
 
 def test_write_section_replaces_only_its_own(tmp_path):
@@ -39,11 +42,11 @@ def test_unet_plans_cut_to_the_patch():
     assert base["configurations"]["2d"]["architecture"]["arch_kwargs"]["n_stages"] == 8
 
 
-def _record(row, seed, dice, train_s, label=None):
+def _record(row, seed, dice, train_s, label=None, val_dice=None):
     metrics = {"dice": dice, "cldice": 0.5, "thin_sensitivity": 0.25, "iou": 0.4, "sensitivity": 0.6,
                "specificity": 0.9, "accuracy": 0.95}
     return {"row": row, "seed": seed, "label": label or row.upper(), "params": 26_200_000, "train_s": train_s,
-            "predict_s": 100.0, "metrics": metrics}
+            "predict_s": 100.0, "val_dice": val_dice, "metrics": metrics}
 
 
 def test_mean_sd_against_a_hand_computation():
@@ -55,8 +58,8 @@ def test_mean_sd_against_a_hand_computation():
 
 
 def test_table_header_and_rows_from_records():
-    records = [_record("unet", 0, 0.70, 640.0, "U-Net"), _record("upernet", 0, 0.60, 700.0),
-               _record("unet", 1, 0.74, 660.0, "U-Net"), _record("unet", 2, 0.72, 650.0, "U-Net")]
+    records = [_record("unet", 0, 0.70, 640.0, "U-Net", 0.8), _record("upernet", 0, 0.60, 700.0),
+               _record("unet", 1, 0.74, 660.0, "U-Net", 0.9), _record("unet", 2, 0.72, 650.0, "U-Net")]
     info = {"name": "DRIVE", "description": "DRIVE retinal vessels; labels: first observer", "test": 20,
             "val": 4}
     lines = table(records, argparse.Namespace(epochs=12, iterations=50), "DRIVE from /data", info)
@@ -66,13 +69,15 @@ def test_table_header_and_rows_from_records():
     assert "CHASE" not in text and "Test split (20 images; DRIVE retinal vessels" in text
     assert "fold 0 (4 images, mirrored)" in text
     header = next(line for line in lines if line.startswith("| model"))
-    assert header.split(" | ")[1] == "runs"
+    assert header.split(" | ")[1] == "runs" and header.split(" | ")[5] == "val Dice"
     rows = [line for line in lines if line.startswith("| U-Net") or line.startswith("| UPERNET")]
-    # first-seen order; the U-Net's three runs: Dice as above, train time 650 ± 10 (sd of 640, 660, 650)
-    assert rows[0] == ("| U-Net | 3 | 26.2 | 650 ± 10 | 100 ± 0 | 0.7200 ± 0.0200 | 0.5000 ± 0.0000 "
+    # first-seen order; the U-Net's three runs: Dice as above, train time 650 ± 10 (sd of 640, 660, 650);
+    # val Dice over the two runs that have one (a record of an older run has none): 0.85 ± sqrt(0.005)
+    assert rows[0] == ("| U-Net | 3 | 26.2 | 650 ± 10 | 100 ± 0 | 0.8500 ± 0.0707 | 0.7200 ± 0.0200 "
+                       "| 0.5000 ± 0.0000 "
                        "| 0.2500 ± 0.0000 | 0.4000 ± 0.0000 | 0.6000 ± 0.0000 | 0.9000 ± 0.0000 "
                        "| 0.9500 ± 0.0000 |")
-    assert rows[1].startswith("| UPERNET | 1 | 26.2 | 700 | 100 | 0.6000 | 0.5000 |")
+    assert rows[1].startswith("| UPERNET | 1 | 26.2 | 700 | 100 |  | 0.6000 | 0.5000 |")
     assert section_name(info) == "drive-dice-cpu"
     assert section_name({**info, "name": "CHASE_DB1"}) == "chase-dice-cpu"
 
@@ -89,6 +94,19 @@ def test_dataset_info_reads_the_converted_data(tmp_path):
 
 def test_srec_row_turns_on_skeleton_recall():
     demo = load_config(ROOT / "configs" / "demo.yaml")
-    label, cfg = row_config("upernet+detail+srec", demo)
+    label, cfg, step = row_config("upernet+detail+srec", demo)
     assert label.endswith("+ detail + Skeleton Recall") and cfg.train.loss.skeleton_recall == 1.0
+    assert step == 0.5
     assert row_config("upernet+detail", demo)[1].train.loss.skeleton_recall == 0.0
+
+
+def test_step_row_predicts_the_same_training_with_another_tile_step():
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    label, cfg, step = row_config("segformer+detail+step0.75+srec", demo)
+    assert step == 0.75 and label.endswith("+ detail + Skeleton Recall, tile step 0.75")
+    assert cfg == row_config("segformer+detail+srec", demo)[1]  # the training is the row's without +step
+    assert split_step("segformer+detail+step0.75+srec") == ("segformer+detail+srec", 0.75)
+    assert split_step("unet") == ("unet", 0.5)
+    for bad in ("segformer+step0", "segformer+step1.5", "segformer+stepx", "segformer+step0.5+step0.7"):
+        with pytest.raises(ConfigError, match=r"one \+stepS with 0 < S <= 1"):
+            row_config(bad, demo)
