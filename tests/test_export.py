@@ -84,12 +84,13 @@ def test_dinov3_exports_for_every_image_size(tmp_path):
         assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-3, size
 
 
-# one per position-embedding resize (segframe/backbones/bicubic.py): DINOv2's +0.1 offset, the _reg4
-# models' antialias (timm's), RETFound's plain bicubic (VisionFM resizes as RETFound does)
-LEARNED_POS_EMBED = [{"name": "dinov2"}, {"name": "dinov2", "registers": True}, {"name": "retfound"}]
+# DINOv2's +0.1-offset resize and RETFound's plain bicubic. VisionFM resizes as RETFound does; the _reg4
+# models' antialias resize exported as these do when checked once by hand (its numbers against
+# F.interpolate: tests/test_backbones.py). One export each, to keep the suite short.
+LEARNED_POS_EMBED = [{"name": "dinov2"}, {"name": "retfound"}]
 
 
-@pytest.mark.parametrize("backbone", LEARNED_POS_EMBED, ids=["dinov2", "dinov2_reg", "retfound"])
+@pytest.mark.parametrize("backbone", LEARNED_POS_EMBED, ids=["dinov2", "retfound"])
 def test_learned_position_embeddings_export_for_every_image_size(backbone, tmp_path):
     """The position embedding is resized to the token grid inside the graph, so one graph serves
     every size, patch 14 (DINOv2) and 16 (RETFound) alike."""
