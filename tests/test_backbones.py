@@ -197,14 +197,16 @@ def test_dinov2_timm_and_registers_resize_as_timm(opts):
 def test_bicubic_matrices_are_interpolate(grid, how):
     """segframe.backbones.bicubic against F.interpolate, up and down, square and not, down to 1x2."""
     g = torch.randn(1, 8, grid, grid, generator=torch.Generator().manual_seed(grid))
+    kind = {"offset": 0.1 if how == "offset" else 0.0, "antialias": how == "antialias"}
     for h, w in [(20, 30), (16, 16), (40, 23), (5, 7), (80, 3), (1, 2)]:
         if how == "offset":
             ref = F.interpolate(g, scale_factor=((h + 0.1) / grid, (w + 0.1) / grid), mode="bicubic")
         else:
             ref = F.interpolate(g, size=(h, w), mode="bicubic", antialias=how == "antialias")
-        offset = 0.1 if how == "offset" else 0.0
-        got = bicubic_resize(g[0], (h, w), offset=offset, antialias=how == "antialias")
-        torch.testing.assert_close(got, ref[0], msg=f"{how} {grid} -> {h}x{w}")
+        torch.testing.assert_close(bicubic_resize(g[0], (h, w), **kind), ref[0], msg=f"{how} -> {h}x{w}")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 under autocast too, as F.interpolate
+        got = bicubic_resize(g[0], (20, 30), **kind)
+    assert got.dtype == torch.float32 and torch.equal(got, bicubic_resize(g[0], (20, 30), **kind))
 
 
 @pytest.mark.parametrize("family,opts", [("retfound", {}), ("visionfm", {})])

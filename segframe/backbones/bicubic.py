@@ -61,8 +61,12 @@ def bicubic_resize(grid: torch.Tensor, size: tuple[int, int], *, offset: float =
     """Resize (C, h, w) float maps to `size` like `F.interpolate(mode="bicubic")` does (C, H, W).
 
     Two batched matrix products on expanded matrices: no reshape of a symbolic size, whose view
-    arithmetic would add guards (einsum and broadcasting matmul reshape).
+    arithmetic would add guards (einsum and broadcasting matmul reshape). In float32 under autocast
+    too (nnU-Net trains with it on CUDA), as `F.interpolate`, which autocast leaves alone, computes.
     """
+    if torch.is_autocast_enabled(grid.device.type):
+        with torch.autocast(grid.device.type, enabled=False):
+            return bicubic_resize(grid.float(), size, offset=offset, antialias=antialias)
     channels = grid.shape[0]
     rows = bicubic_matrix(size[0], grid.shape[-2], offset=offset, antialias=antialias, device=grid.device)
     cols = bicubic_matrix(size[1], grid.shape[-1], offset=offset, antialias=antialias, device=grid.device)
