@@ -359,7 +359,7 @@ def main() -> None:
                 records.append(json.loads(record.read_text()))
                 print(f"{key} seed {seed}: reused from {record}", flush=True)
                 continue
-            base = split_step(key)[0] if key != "unet" else key
+            base = split_step(key)[0]  # "unet" and rows without +stepS are their own base
             trained = trained_here.get((base, seed)) if base != key else None
             records.append(run_row(key, seed, configs.get(key), args, env, dataset, work, trained))
             trained_here[(key, seed)] = records[-1]
