@@ -7,17 +7,14 @@ backbone, gradient checkpointing, DDP, config errors, the plans round trip, and 
 from __future__ import annotations
 
 import copy
-import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import tiny_config
+from ddp import train_ddp
 from pydantic import BaseModel, ConfigDict
 from test_model import dead_parameters, without_graph_gradient
 from torch import nn
@@ -249,37 +246,18 @@ def test_config_round_trip_and_plans(tmp_path):
     assert net.state_dict().keys() == ViTSegModel(cfg, 3, 2).state_dict().keys()
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = build("dinov3", neck="pyramid", freeze_backbone=True, lora={"enabled": True, "r": 2})
-    # as nnU-Net wraps it: no find_unused_parameters, so an unused trainable parameter is an error
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    # no weight decay: AdamW's would move every non-zero weight without a gradient, and "did not train"
-    # below is to mean that no gradient step moved it
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    torch.manual_seed(1 + rank)
-    for _ in range(2):
-        x, y = torch.rand(2, 3, 32, 32), torch.randint(0, 2, (2, 32, 32))
-        opt.zero_grad()
-        F.cross_entropy(ddp(x), y).backward()
-        opt.step()
-    torch.save({n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("detail.")},
-               os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
 def test_ddp_two_cpu_processes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    """The detail path trains in DDP beside a frozen backbone with LoRA (tests/ddp.py)."""
+    cfg = tiny_config("dinov3", decoder_section("upernet"), neck="pyramid", freeze_backbone=True,
+                      detail=DETAIL)
+    case = {"config": {**cfg, "lora": {"enabled": True, "r": 2}}}
+    ranks = [rank["detail"] for rank in train_ddp({"detail": case}, tmp_path)]
     initial = dict(build("dinov3", neck="pyramid").named_parameters())
-    assert ranks[0]
-    for name, value in ranks[0].items():
-        torch.testing.assert_close(value, ranks[1][name], msg=f"{name} differs between ranks")
-        assert not torch.equal(value, initial[name].detach()), f"{name} did not train"
+    detail = [n for n in ranks[0] if n.startswith("detail.")]
+    assert detail
+    for name in detail:
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], msg=f"{name} differs between ranks")
+        assert not torch.equal(ranks[0][name], initial[name].detach()), f"{name} did not train"
 
 
 # ---------------------------------------------------------------- learning

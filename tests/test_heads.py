@@ -6,14 +6,10 @@ Decoders come from the registry, so each plugin under plugins/ is covered once i
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import tiny_config
+from ddp import loss_of, train_ddp
 from test_model import dead_parameters, without_graph_gradient
 
 from segframe.config import validate_config
@@ -39,13 +35,6 @@ def build(decoder: str, backbone: str = "dinov2", in_channels: int = 3, num_clas
     cfg.update({k: v for k, v in extra.items() if k in ("lora",)})
     cfg["model"].update({k: v for k, v in extra.items() if k != "lora"})
     return ViTSegModel(validate_config(cfg), in_channels=in_channels, num_classes=num_classes)
-
-
-def loss_of(model: ViTSegModel, out, target: torch.Tensor) -> torch.Tensor:
-    """nnU-Net's view: the head's own loss if it owns one, else a loss on the logits."""
-    if model.owns_loss:
-        return model.training_loss(out, target[:, None])[0]
-    return torch.nn.functional.cross_entropy(out, target)
 
 
 def test_six_decoders_each_from_its_own_distribution():
@@ -95,49 +84,16 @@ def test_pyramid_neck_is_used_or_refused_clearly(decoder):
         assert model(torch.rand(1, 3, 97, 131)).shape == (1, 2, 97, 131)
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    result = {}
-    for decoder in DECODERS:
-        model = build(decoder, "dinov2", lora={"enabled": True, "r": 2})
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(std=0.1)
-        # as nnU-Net wraps it: without find_unused_parameters an unused trainable parameter is an error
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        # no weight decay: AdamW's would move every non-zero weight without a gradient
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-        torch.manual_seed(1 + rank)  # each rank sees other data
-        try:
-            for _ in range(2):
-                x, y = torch.rand(2, 3, 28, 42), torch.randint(0, 2, (2, 28, 42))
-                loss = loss_of(model, ddp(x), y)
-                if model.auxiliary_logits is not None:
-                    loss = loss + 0.4 * torch.nn.functional.cross_entropy(model.auxiliary_logits, y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        except RuntimeError as exc:
-            raise RuntimeError(f"decoder {decoder}: {exc}") from None
-        result[decoder] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
 def test_ddp_every_decoder_two_cpu_processes(tmp_path):
     """Ranks end equal and every trainable weight moved, for every decoder (DDP itself fails on a
     trainable parameter without a gradient). Weights, not 1-d parameters: a bias that a BatchNorm's
     batch mean removes (SegFormer's projections) or an attention key bias has a gradient that is zero
     in exact arithmetic, so whether it moves would be decided by rounding. That every parameter
     matters is checked in eval mode above (test_lora_with_a_frozen_backbone_trains_adapters_and_head)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    lora = {"enabled": True, "r": 2}
+    cases = {decoder: {"config": {**tiny_config("dinov2", section(decoder)), "lora": lora}, "size": (28, 42)}
+             for decoder in DECODERS}
+    ranks = train_ddp(cases, tmp_path)
     for decoder in DECODERS:
         initial = dict(build(decoder, "dinov2", lora={"enabled": True, "r": 2}).named_parameters())
         trained = ranks[0][decoder]

@@ -2,14 +2,11 @@
 auxiliary logits, and DDP (gloo, 2 CPU processes) with LoRA, frozen and partly used backbones."""
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-import torch.nn.functional as F
 from conftest import tiny_config
+from ddp import train_ddp
 
 from segframe.config import validate_config
 from segframe.errors import ConfigError
@@ -135,50 +132,26 @@ def test_auxiliary_logits_match_the_output_size():
 
 
 DDP_CASES = {
-    "lora_frozen_dinov3": ({**tiny_config("dinov3", freeze_backbone=True),
-                            "lora": {"enabled": True, "r": 4}}),
-    "early_layers_aux_head": tiny_config(
+    "lora_frozen_dinov3": {"config": {**tiny_config("dinov3", freeze_backbone=True),
+                                      "lora": {"enabled": True, "r": 4}}, "steps": 3},
+    "early_layers_aux_head": {"config": tiny_config(
         "dinov2", layers=[0, 1, 2], decoder={"name": "upernet", "hidden_size": 16, "auxiliary_head": True}),
-    "segformer_visionfm": tiny_config("visionfm", decoder="segformer"),
+        "steps": 3},
+    "segformer_visionfm": {"config": tiny_config("visionfm", decoder="segformer"), "steps": 3},
 }
 
 
-def _ddp_worker(rank: int, world: int, port: int, case: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = ViTSegModel(DDP_CASES[case], in_channels=3, num_classes=2)
-    with torch.no_grad():  # live LoRA: non-zero B
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    # as nnU-Net wraps it: no find_unused_parameters, so an unused trainable parameter is an error
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    # no weight decay: it would move every weight whether it got a gradient or not
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    torch.manual_seed(1 + rank)  # each rank sees other data
-    for _ in range(3):
-        x, y = torch.rand(2, 3, 32, 32), torch.randint(0, 2, (2, 32, 32))
-        loss = F.cross_entropy(ddp(x), y)
-        if model.auxiliary_logits is not None:
-            loss = loss + 0.4 * F.cross_entropy(model.auxiliary_logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save(trainable, os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+@pytest.fixture(scope="module")
+def ddp_ranks(tmp_path_factory):
+    """Every case trained by two DDP ranks in one spawn (tests/ddp.py)."""
+    return train_ddp(DDP_CASES, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.parametrize("case", list(DDP_CASES))
-def test_ddp_two_cpu_processes(case, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, case, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+def test_ddp_two_cpu_processes(case, ddp_ranks):
+    ranks = [rank[case] for rank in ddp_ranks]
     torch.manual_seed(0)
-    initial = dict(ViTSegModel(DDP_CASES[case], in_channels=3, num_classes=2).named_parameters())
+    initial = dict(ViTSegModel(DDP_CASES[case]["config"], in_channels=3, num_classes=2).named_parameters())
     assert ranks[0].keys() == ranks[1].keys() and ranks[0]
     for name, value in ranks[0].items():
         torch.testing.assert_close(value, ranks[1][name], msg=f"{name} differs between ranks")
