@@ -264,15 +264,14 @@ def test_autocast_bfloat16_on_cpu(backbone):
     assert err < 0.05 * ref.abs().max().item(), err  # bfloat16 keeps ~3 significant digits
 
 
-def test_torch_compile_on_cpu_matches_eager(tmp_path, monkeypatch):
-    """The default pipeline (pyramid, UperNet, progressive, LoRA) compiled with inductor on CPU
-    (about 50 s on 2 cores, mostly C++ kernel compilation)."""
-    # a cache of its own: inductor's shared /tmp cache hands a kernel built for another thread count
-    # to this process (seen: with OMP_NUM_THREADS=1 after 2-thread runs, the kernel aborts the process)
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+def test_torch_compile_on_cpu_matches_eager():
+    """The default pipeline (pyramid, UperNet, progressive, LoRA) through torch.compile: dynamo's graph
+    capture, AOTAutograd and inductor's decompositions and partitioner, the stages that read segframe's
+    code, compared with eager. The backend stops short of inductor's C++ kernels: compiling those is
+    torch's own code and took 160 s of a 2-core suite for this one network."""
     model = build("dinov2", neck="pyramid", lora={"enabled": True, "r": 2}).eval()
     x = torch.rand(1, 3, 30, 44)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, backend="aot_eager_decomp_partition")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
 
