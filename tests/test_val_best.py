@@ -112,13 +112,12 @@ def test_val_best_errors_change_nothing(world):
 
 
 def test_export_of_a_results_folder(world, tmp_path):
-    """`segframe export --optimize` on the trained folder (the unit tests export without onnxscript's
-    optimizer, the default); the JSON's preprocessing (x / 255 for rgb_to_0_1) fed to onnxruntime gives
-    the labels nnU-Net's own predictor gives (one 48x48 tile, no mirroring)."""
+    """`segframe export` on the trained folder; the JSON's preprocessing (x / 255 for rgb_to_0_1) fed to
+    onnxruntime gives the labels nnU-Net's own predictor gives (one 48x48 tile, no mirroring)."""
     ort = pytest.importorskip("onnxruntime")
     env, folder, _ = world
     onnx_file = tmp_path / "model.onnx"
-    out = segframe(env, "export", "-m", folder, "-f", "0", "-o", onnx_file, "--optimize")
+    out = segframe(env, "export", "-m", folder, "-f", "0", "-o", onnx_file)
     assert f"wrote {onnx_file}" in out.stdout
     info = json.loads((tmp_path / "model.json").read_text())
     assert info["classes"] == {"background": 0, "vessel": 1}  # dataset.json: the discs are "vessel"

@@ -370,10 +370,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--size", type=_positive, nargs=2, metavar=("H", "W"),
                         help="a graph for H x W images only (default: any size, where the network allows)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing .onnx / .json")
-    export.add_argument("--optimize", action="store_true",
-                        help="run onnxscript's graph optimizer: a smaller graph for runtimes that do not "
-                             "optimize themselves, about twice the export time (onnxruntime optimizes "
-                             "when it loads a graph)")
     export.add_argument("--trust-checkpoint", action="store_true",
                         help="allow checkpoints that need full unpickling (only files you trust)")
     export.set_defaults(func=_export)

@@ -66,7 +66,7 @@ def _specialization(exc: BaseException) -> str:
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int] | None = None,
-                fallback_size: tuple[int, int] | None = None, optimize: bool = False) -> dict[str, Any]:
+                fallback_size: tuple[int, int] | None = None) -> dict[str, Any]:
     """Write `model` (a ViTSegModel in eval mode) to `path` as ONNX; returns what the graph accepts:
     {"dynamic_size", "size" (fixed height, width or None), "min_size", "reason" (why the size is fixed)}.
 
@@ -76,11 +76,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int]
     computes a number from the size), the graph is exported for `fallback_size` instead, or, without
     one, that is an error. With `size=(h, w)` the graph takes exactly that size. The file is written to
     a temporary name and renamed: `path` holds either its old content or the complete graph.
-
-    `optimize` runs onnxscript's graph optimizer (constant folding, pattern rewrites) on the graph: a
-    smaller graph for a runtime that does not optimize itself, at about twice the export time (its
-    pattern matching was 44% of a profiled export). onnxruntime optimizes every graph when it loads it,
-    so it is off by default.
 
     Exporter: torch.export (the dynamo exporter). A traced graph (the legacy TorchScript exporter)
     silently keeps every shape the example input gave to Python code (e.g. the token grid a position
@@ -119,14 +114,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int]
         reason = _specialization(exc) if violation else f"tracing symbolic sizes failed: {_first_line(exc)}"
         if fallback_size is None:
             raise SegframeError(f"cannot export the network with a dynamic image size: {reason}") from None
-        return {**export_onnx(model, path, tuple(fallback_size), optimize=optimize), "reason": reason}
+        return {**export_onnx(model, path, tuple(fallback_size)), "reason": reason}
     optimizer_log = logging.getLogger("onnxscript")
     level = optimizer_log.level
     optimizer_log.setLevel(logging.ERROR)  # one "Skipping constant folding" line per Split otherwise
     try:
         with torch.no_grad():
             onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=[INPUT],
-                                             output_names=[OUTPUT], verbose=False, optimize=optimize)
+                                             output_names=[OUTPUT], verbose=False)
     except Exception as exc:  # noqa: BLE001
         raise _export_error(model, exc) from None
     finally:
@@ -235,8 +230,7 @@ def export_command(args: argparse.Namespace) -> int:
         raise SegframeError(f"-o {out}: folder {out.parent} does not exist")
     model, loaded = load_network(args.m, args.f, args.chk, args.trust_checkpoint)
     size = tuple(args.size) if args.size else None
-    graph = export_onnx(model, out, size, fallback_size=tuple(loaded.configuration_manager.patch_size),
-                        optimize=args.optimize)
+    graph = export_onnx(model, out, size, fallback_size=tuple(loaded.configuration_manager.patch_size))
     info = describe(loaded, model, graph, args.f, args.chk, out.name)
     sidecar(out).write_text(json.dumps(info, indent=2) + "\n")
     shape = "x".join(str(s) for s in info["input"]["shape"])
