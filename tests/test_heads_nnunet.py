@@ -30,6 +30,7 @@ def nnunet_predict(folder: Path, images: Path, out: Path) -> None:
 
     predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(folder), (0,), "checkpoint_final.pth")
+    out.mkdir()  # nnU-Net writes its arguments there before it creates the folder itself
     predictor.predict_from_files_sequential(str(images), str(out), save_probabilities=False, overwrite=True)
 
 
