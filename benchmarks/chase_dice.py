@@ -204,7 +204,7 @@ def table(records: list[dict], args: argparse.Namespace, source: str, info: dict
     lines = [
         f"## Vessel Dice on {info['name']} after the same budget ({args.epochs} epochs x {args.iterations} "
         f"iterations, patch {PATCH[0]}x{PATCH[1]} unless the row says otherwise, batch 2, random init, CPU; "
-        f"mean ± sd over {runs} seeded runs per row)",
+        + ("one seeded run per row)" if runs == "1" else f"mean ± sd over {runs} seeded runs per row)"),
         "",
         machine("cpu") + f"; data: {source.split(' from ')[0]}",
         "",

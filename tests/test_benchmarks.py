@@ -79,6 +79,8 @@ def test_table_header_and_rows_from_records():
                        "| 0.9500 ± 0.0000 |")
     assert rows[1].startswith("| UPERNET | 1 | 26.2 | 700 | 100 |  | 0.6000 | 0.5000 |")
     assert section_name(info) == "drive-dice-cpu"
+    one = table(records[1:2], argparse.Namespace(epochs=12, iterations=50), "DRIVE from /data", info)
+    assert one[0].endswith("random init, CPU; one seeded run per row)")
     assert section_name({**info, "name": "CHASE_DB1"}) == "chase-dice-cpu"
 
 
