@@ -18,8 +18,9 @@ from segframe.config import validate_config
 from segframe.model import ViTSegModel
 
 
-def build(case: dict) -> ViTSegModel:
-    """The case's model as both ranks start it: seed 0, then live LoRA adapters (lora_B drawn, not 0)."""
+def starting_model(case: dict) -> ViTSegModel:
+    """The case's model as both ranks start it (the tests compare against it): seed 0, then live LoRA
+    adapters (lora_B drawn, not 0)."""
     torch.manual_seed(0)
     config = validate_config(case["config"])
     model = ViTSegModel(config, in_channels=3, num_classes=case.get("num_classes", 2))
@@ -47,7 +48,7 @@ def _worker(rank: int, world: int, port: int, cases: dict[str, dict], out: str) 
     torch.set_num_threads(1)
     result = {}
     for name, case in cases.items():
-        model = build(case)
+        model = starting_model(case)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         # no weight decay: it would move every non-zero weight, with a gradient or without
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
-from ddp import train_ddp
+from ddp import starting_model, train_ddp
 from pydantic import BaseModel, ConfigDict
 from test_model import dead_parameters, without_graph_gradient
 from torch import nn
@@ -252,7 +252,7 @@ def test_ddp_two_cpu_processes(tmp_path):
                       detail=DETAIL)
     case = {"config": {**cfg, "lora": {"enabled": True, "r": 2}}}
     ranks = [rank["detail"] for rank in train_ddp({"detail": case}, tmp_path)]
-    initial = dict(build("dinov3", neck="pyramid").named_parameters())
+    initial = dict(starting_model(case).named_parameters())
     detail = [n for n in ranks[0] if n.startswith("detail.")]
     assert detail
     for name in detail:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_config
-from ddp import loss_of, train_ddp
+from ddp import loss_of, starting_model, train_ddp
 from test_model import dead_parameters, without_graph_gradient
 
 from segframe.config import validate_config
@@ -95,7 +95,7 @@ def test_ddp_every_decoder_two_cpu_processes(tmp_path):
              for decoder in DECODERS}
     ranks = train_ddp(cases, tmp_path)
     for decoder in DECODERS:
-        initial = dict(build(decoder, "dinov2", lora={"enabled": True, "r": 2}).named_parameters())
+        initial = dict(starting_model(cases[decoder]).named_parameters())
         trained = ranks[0][decoder]
         assert trained and trained.keys() == ranks[1][decoder].keys()
         for name, value in trained.items():

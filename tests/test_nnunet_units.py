@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from conftest import tiny_config
-from ddp import train_ddp
+from ddp import starting_model, train_ddp
 
 from segframe.config import validate_config
 from segframe.errors import ConfigError
@@ -150,8 +150,7 @@ def ddp_ranks(tmp_path_factory):
 @pytest.mark.parametrize("case", list(DDP_CASES))
 def test_ddp_two_cpu_processes(case, ddp_ranks):
     ranks = [rank[case] for rank in ddp_ranks]
-    torch.manual_seed(0)
-    initial = dict(ViTSegModel(DDP_CASES[case]["config"], in_channels=3, num_classes=2).named_parameters())
+    initial = dict(starting_model(DDP_CASES[case]).named_parameters())
     assert ranks[0].keys() == ranks[1].keys() and ranks[0]
     for name, value in ranks[0].items():
         torch.testing.assert_close(value, ranks[1][name], msg=f"{name} differs between ranks")

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from ddp import train_ddp
+from ddp import starting_model, train_ddp
 from pydantic import BaseModel
 from segframe_mask2former import Mask2FormerParams, build
 from segframe_mask2former.head import (
@@ -429,9 +429,9 @@ def test_ddp_lora_frozen_backbone(tmp_path):
     """Two DDP ranks (segframe's tests/ddp.py) with the head's own loss: equal at the end, and every
     trainable weight moved (without weight decay, which would move them all; 1-d parameters left out,
     whose gradient can be exactly 0, as in segframe's DDP tests)."""
-    ranks = [rank["m2f"] for rank in train_ddp({"m2f": {"config": DDP_CONFIG, "num_classes": 3}}, tmp_path)]
-    torch.manual_seed(0)
-    initial = dict(ViTSegModel(validate_config(DDP_CONFIG), in_channels=3, num_classes=3).named_parameters())
+    case = {"config": DDP_CONFIG, "num_classes": 3}
+    ranks = [rank["m2f"] for rank in train_ddp({"m2f": case}, tmp_path)]
+    initial = dict(starting_model(case).named_parameters())
     assert ranks[0].keys() == ranks[1].keys() and any("lora_A" in n for n in ranks[0])
     assert not any(n.startswith("backbone.") and "lora_" not in n for n in ranks[0])
     for name, value in ranks[0].items():
