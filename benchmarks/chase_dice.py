@@ -6,10 +6,11 @@ Run: .venv/bin/python benchmarks/chase_dice.py [--data ../shared/data/CHASEDB1] 
      [--epochs 12] [--iterations 50] [--seeds 3] [--rows unet upernet segformer upernet+detail ...]
      [--check] [--reuse] [--write [--section NAME]]
 
-A row is `unet` (nnU-Net's U-Net) or `DECODER[+detail][+srec][+pN][+stepS]` for any installed decoder:
+A row is `unet` (nnU-Net's U-Net) or `DECODER[+detail][+srec[W]][+pN][+stepS]` for any installed decoder:
 DINOv3-S with that head (UperNet on the pyramid neck as in configs/demo.yaml, every other head on the identity
 neck, width 128 where the head has a `hidden_size`), `+detail` adds the detail path with its default
-options (model.detail), `+srec` the Skeleton Recall loss term with weight 1 (train.loss), `+pN`
+options (model.detail), `+srec` the Skeleton Recall loss term with weight 1 (train.loss; `+srecW` with
+weight W, e.g. `+srec0.4`), `+pN`
 trains on NxN patches instead of 192x192 at the same iterations and batch (more pixels per step: the
 patch size as a lever, said in the label), `+stepS` predicts with nnU-Net's tile_step_size S instead of
 0.5 (`segframe predict --step_size`; fewer tiles); a row that differs from an earlier row of the run only
@@ -79,8 +80,19 @@ def split_step(row: str) -> tuple[str, float]:
     return "+".join([decoder, *(o for o in options if o not in steps)]), step
 
 
+def srec_weight(row: str, text: str) -> float:
+    """The Skeleton Recall weight W of a row's `+srecW` option (`+srec`: 1)."""
+    try:
+        weight = float(text) if text else 1.0
+    except ValueError:
+        weight = 0.0
+    if not weight > 0:
+        raise ConfigError(f"row {row!r}: use +srec (weight 1) or +srecW with a weight W > 0, e.g. +srec0.4")
+    return weight
+
+
 def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, float]:
-    """The label, config and prediction tile step of a ViT row `DECODER[+detail][+srec][+pN][+stepS]`
+    """The label, config and prediction tile step of a ViT row `DECODER[+detail][+srec[W]][+pN][+stepS]`
     (the demo's model and train values)."""
     from segframe.plugins import get_registry
 
@@ -94,12 +106,12 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
     for option in options:
         if option == "detail":
             detail = True
-        elif option == "srec":
-            skeleton_recall = 1.0
+        elif option.startswith("srec"):
+            skeleton_recall = srec_weight(row, option[4:])
         elif option[:1] == "p" and option[1:].isdigit() and int(option[1:]) >= 16:
             patch = [int(option[1:])] * 2
         else:
-            raise ConfigError(f"row {row!r}: unknown option {option!r}; use +detail, +srec, +pN (a patch "
+            raise ConfigError(f"row {row!r}: unknown option {option!r}; use +detail, +srec[W], +pN (a patch "
                               "size) or +stepS (a tile step)")
     if decoder == "upernet":
         model = demo.model
@@ -115,7 +127,7 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
     if detail:
         label += " + detail"
     if skeleton_recall:
-        label += " + Skeleton Recall"
+        label += " + Skeleton Recall" + (f" {skeleton_recall:g}" if skeleton_recall != 1 else "")
     loss = demo.train.loss.model_copy(update={"skeleton_recall": skeleton_recall})
     train = demo.train.model_copy(update={"patch_size": patch, "batch_size": 2, "loss": loss})
     if patch != PATCH:
@@ -300,7 +312,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, metavar="N",
                         help="train every row N times, with train.seed 0..N-1; the table gives mean ± sd")
     parser.add_argument("--rows", "--only", nargs="+", default=DEFAULT_ROWS, metavar="ROW",
-                        help="unet, or DECODER[+detail][+srec][+pN] for any installed decoder (see the "
+                        help="unet, or DECODER[+detail][+srec[W]][+pN] for any installed decoder (see the "
                              "docstring)")
     parser.add_argument("--check", action="store_true", help="build every row's model, then exit")
     parser.add_argument("--reuse", action="store_true",

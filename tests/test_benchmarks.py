@@ -100,6 +100,11 @@ def test_srec_row_turns_on_skeleton_recall():
     assert label.endswith("+ detail + Skeleton Recall") and cfg.train.loss.skeleton_recall == 1.0
     assert step == 0.5
     assert row_config("upernet+detail", demo)[1].train.loss.skeleton_recall == 0.0
+    label, cfg, _ = row_config("upernet+detail+srec0.4", demo)
+    assert label.endswith("+ detail + Skeleton Recall 0.4") and cfg.train.loss.skeleton_recall == 0.4
+    for bad in ("upernet+srec0", "upernet+srec-1", "upernet+srecx"):
+        with pytest.raises(ConfigError, match=r"\+srecW with a weight W > 0"):
+            row_config(bad, demo)
 
 
 def test_step_row_predicts_the_same_training_with_another_tile_step():
