@@ -196,7 +196,8 @@ def summarise(records: list[dict]) -> list[dict]:
     rows: dict[str, dict] = {}
     for r in records:
         empty = {"seeds": [], "val_dice": [], "train_s": [], "predict_s": [], **{m: [] for m in METRICS}}
-        row = rows.setdefault(r["row"], {"label": r["label"], "params": r["params"], **empty})
+        row = rows.setdefault(r["row"], {"row": r["row"], "label": r["label"], "params": r["params"],
+                                         **empty})
         row["seeds"].append(r["seed"])
         if r.get("val_dice") is not None:  # records of older runs have none
             row["val_dice"].append(r["val_dice"])
@@ -223,17 +224,25 @@ def table(records: list[dict], args: argparse.Namespace, source: str, info: dict
         f"Test split ({info['test']} images; {info['description']}), means inside the FOV; no mirroring at "
         f"prediction. Each row was trained `runs` times with train.seed 0, 1, ... (docs/data.md: what a seed "
         f"fixes); a cell is the mean ± the sample standard deviation over those runs. Train time includes "
-        f"nnU-Net's final validation of fold 0 ({val}, mirrored). clDice: centerline Dice (Shit et al., "
-        "CVPR 2021); thin sens.: recall of reference vessel pixels of local width <= 2 px (docs/data.md). "
+        f"nnU-Net's final validation of fold 0 ({val}, mirrored); a time's (1.08x) is its mean over the "
+        "U-Net's. clDice: centerline Dice (Shit et al., CVPR 2021); thin sens.: recall of reference vessel "
+        "pixels of local width <= 2 px (docs/data.md). "
         "`+ detail`: model.detail with its defaults (docs/detail.md).",
         "",
         "| model | runs | params (M) | train (s) | predict (s) | val Dice | Dice | clDice | thin sens. | IoU "
         "| sensitivity | specificity | accuracy |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    unet = {key: statistics.fmean(row[key]) for row in rows if row["row"] == "unet"
+            for key in ("train_s", "predict_s")}
+
+    def time_cell(row: dict, key: str) -> str:  # mean ± sd, and the mean's ratio to the U-Net's mean
+        ratio = f" ({statistics.fmean(row[key]) / unet[key]:.2f}x)" if unet and row["row"] != "unet" else ""
+        return mean_sd(row[key], 0) + ratio
+
     for r in rows:
-        cells = [r["label"], str(len(r["seeds"])), f"{r['params'] / 1e6:.1f}", mean_sd(r["train_s"], 0),
-                 mean_sd(r["predict_s"], 0), mean_sd(r["val_dice"], 4) if r["val_dice"] else "",
+        cells = [r["label"], str(len(r["seeds"])), f"{r['params'] / 1e6:.1f}", time_cell(r, "train_s"),
+                 time_cell(r, "predict_s"), mean_sd(r["val_dice"], 4) if r["val_dice"] else "",
                  *(mean_sd(r[m], 4) for m in METRICS)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

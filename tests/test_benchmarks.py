@@ -77,10 +77,12 @@ def test_table_header_and_rows_from_records():
                        "| 0.5000 ± 0.0000 "
                        "| 0.2500 ± 0.0000 | 0.4000 ± 0.0000 | 0.6000 ± 0.0000 | 0.9000 ± 0.0000 "
                        "| 0.9500 ± 0.0000 |")
-    assert rows[1].startswith("| UPERNET | 1 | 26.2 | 700 | 100 |  | 0.6000 | 0.5000 |")
+    # times with their ratio to the U-Net's mean: 700 / 650 = 1.077, 100 / 100
+    assert rows[1].startswith("| UPERNET | 1 | 26.2 | 700 (1.08x) | 100 (1.00x) |  | 0.6000 | 0.5000 |")
     assert section_name(info) == "drive-dice-cpu"
     one = table(records[1:2], argparse.Namespace(epochs=12, iterations=50), "DRIVE from /data", info)
     assert one[0].endswith("random init, CPU; one seeded run per row)")
+    assert "| UPERNET | 1 | 26.2 | 700 | 100 |" in "\n".join(one)  # no U-Net row: no ratio
     assert section_name({**info, "name": "CHASE_DB1"}) == "chase-dice-cpu"
 
 
