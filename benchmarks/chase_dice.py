@@ -6,12 +6,12 @@ Run: .venv/bin/python benchmarks/chase_dice.py [--data ../shared/data/CHASEDB1] 
      [--epochs 12] [--iterations 50] [--seeds 3] [--rows unet upernet segformer upernet+detail ...]
      [--check] [--reuse] [--write [--section NAME]]
 
-A row is `unet` (nnU-Net's U-Net) or `DECODER[+detail][+srec[W]][+pN][+stepS]` for any installed decoder:
+A row is `unet` (nnU-Net's U-Net) or `DECODER[+detail[N]][+srec[W]][+pN][+stepS]` for any installed decoder:
 DINOv3-S with that head (UperNet on the pyramid neck as in configs/demo.yaml, every other head on the identity
 neck, width 128 where the head has a `hidden_size`), `+detail` adds the detail path with its default
-options (model.detail), `+srec` the Skeleton Recall loss term with weight 1 (train.loss; `+srecW` with
-weight W, e.g. `+srec0.4`), `+pN`
-trains on NxN patches instead of 192x192 at the same iterations and batch (more pixels per step: the
+options (model.detail; `+detailN` with width N at stride 1, e.g. `+detail16`: channels 16, 32, 64, 64),
+`+srec` the Skeleton Recall loss term with weight 1 (train.loss; `+srecW` with weight W, e.g. `+srec0.4`),
+`+pN` trains on NxN patches instead of 192x192 at the same iterations and batch (more pixels per step: the
 patch size as a lever, said in the label), `+stepS` predicts with nnU-Net's tile_step_size S instead of
 0.5 (`segframe predict --step_size`; fewer tiles); a row that differs from an earlier row of the run only
 in `+stepS` predicts with that row's trained model instead of training again (its train time is that
@@ -92,7 +92,7 @@ def srec_weight(row: str, text: str) -> float:
 
 
 def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, float]:
-    """The label, config and prediction tile step of a ViT row `DECODER[+detail][+srec[W]][+pN][+stepS]`
+    """The label, config and prediction tile step of a ViT row `DECODER[+detail[N]][+srec[W]][+pN][+stepS]`
     (the demo's model and train values)."""
     from segframe.plugins import get_registry
 
@@ -102,17 +102,20 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
     if decoder not in registry.decoders():
         raise ConfigError(f"row {row!r}: unknown decoder {decoder!r}; installed: "
                           f"{', '.join(registry.decoders())} (or the row `unet`)")
-    detail, skeleton_recall, patch = False, 0.0, PATCH
+    detail, skeleton_recall, patch = None, 0.0, PATCH
     for option in options:
         if option == "detail":
-            detail = True
+            detail = DetailConfig(enabled=True)
+        elif option.startswith("detail") and option[6:].isdigit() and int(option[6:]) >= 1:
+            default = DetailConfig().channels
+            detail = DetailConfig(enabled=True, channels=[int(option[6:]), *default[1:]])
         elif option.startswith("srec"):
             skeleton_recall = srec_weight(row, option[4:])
         elif option[:1] == "p" and option[1:].isdigit() and int(option[1:]) >= 16:
             patch = [int(option[1:])] * 2
         else:
-            raise ConfigError(f"row {row!r}: unknown option {option!r}; use +detail, +srec[W], +pN (a patch "
-                              "size) or +stepS (a tile step)")
+            raise ConfigError(f"row {row!r}: unknown option {option!r}; use +detail[N], +srec[W], +pN (a "
+                              "patch size) or +stepS (a tile step)")
     if decoder == "upernet":
         model = demo.model
         label = "DINOv3-S + UperNet 128 (pyramid neck)"
@@ -123,9 +126,11 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
             "neck": "identity", "decoder": demo.model.decoder.model_validate(section)})
         label = f"DINOv3-S + {NAMES.get(decoder, decoder)}" + (" 128" if "hidden_size" in params else "")
     # set either way: configs/demo.yaml may itself turn the detail path on
-    model = model.model_copy(update={"detail": DetailConfig(enabled=detail)})
+    model = model.model_copy(update={"detail": detail or DetailConfig(enabled=False)})
     if detail:
         label += " + detail"
+        if detail.channels != DetailConfig().channels:
+            label += f" {'-'.join(map(str, detail.channels))}"
     if skeleton_recall:
         label += " + Skeleton Recall" + (f" {skeleton_recall:g}" if skeleton_recall != 1 else "")
     loss = demo.train.loss.model_copy(update={"skeleton_recall": skeleton_recall})
@@ -321,8 +326,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, metavar="N",
                         help="train every row N times, with train.seed 0..N-1; the table gives mean ± sd")
     parser.add_argument("--rows", "--only", nargs="+", default=DEFAULT_ROWS, metavar="ROW",
-                        help="unet, or DECODER[+detail][+srec[W]][+pN] for any installed decoder (see the "
-                             "docstring)")
+                        help="unet, or DECODER[+detail[N]][+srec[W]][+pN][+stepS] for any installed decoder "
+                             "(see the docstring)")
     parser.add_argument("--check", action="store_true", help="build every row's model, then exit")
     parser.add_argument("--reuse", action="store_true",
                         help="take the runs an interrupted run finished (work/rows/ROW_sSEED.json, one per "

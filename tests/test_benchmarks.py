@@ -109,6 +109,19 @@ def test_srec_row_turns_on_skeleton_recall():
             row_config(bad, demo)
 
 
+def test_detail_width_row_sets_the_stride_1_width_only():
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    label, cfg, _ = row_config("upernet+detail16+srec0.4", demo)
+    assert label.endswith("+ detail 16-32-64-64 + Skeleton Recall 0.4")
+    assert cfg.model.detail.enabled and cfg.model.detail.channels == [16, 32, 64, 64]
+    label, cfg, _ = row_config("upernet+detail", demo)
+    assert label.endswith("+ detail") and cfg.model.detail.channels == [32, 32, 64, 64]
+    assert not row_config("upernet", demo)[1].model.detail.enabled
+    for bad in ("upernet+detail0", "upernet+detailx", "upernet+detail-8"):
+        with pytest.raises(ConfigError, match=r"unknown option .*\+detail\[N\]"):
+            row_config(bad, demo)
+
+
 def test_step_row_predicts_the_same_training_with_another_tile_step():
     demo = load_config(ROOT / "configs" / "demo.yaml")
     label, cfg, step = row_config("segformer+detail+step0.75+srec", demo)
