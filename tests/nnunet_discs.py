@@ -129,10 +129,17 @@ def results(env: dict, tag: str) -> Path:
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
     """Under pytest-xdist (`--dist loadgroup`, as `make test` runs), the tests that read the trained runs
-    share one worker, so each worker's session does not train them again."""
+    share one worker, so each worker's session does not train them again; so do the tests of a module
+    that use one of its module-scoped fixtures (the runs a module trains for itself), which each worker
+    would otherwise build again for its share of the module's tests."""
     for item in items:
         if "trained_runs" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("trained_runs"))
+            continue
+        info = getattr(item, "_fixtureinfo", None)
+        definitions = info.name2fixturedefs.values() if info else ()
+        if any(d.scope == "module" for defs in definitions for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 @pytest.fixture(scope="session")
