@@ -113,7 +113,8 @@ def test_val_best_errors_change_nothing(world):
 
 def test_export_of_a_results_folder(world, tmp_path):
     """`segframe export` on the trained folder; the JSON's preprocessing (x / 255 for rgb_to_0_1) fed to
-    onnxruntime gives the labels nnU-Net's own predictor gives (one 48x48 tile, no mirroring)."""
+    onnxruntime gives the probabilities and labels nnU-Net's own predictor gives (one 48x48 tile, no
+    mirroring), within nnU-Net's float16 sum of the tile's logits."""
     ort = pytest.importorskip("onnxruntime")
     env, folder, _ = world
     onnx_file = tmp_path / "model.onnx"
