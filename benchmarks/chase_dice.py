@@ -102,13 +102,12 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
     if decoder not in registry.decoders():
         raise ConfigError(f"row {row!r}: unknown decoder {decoder!r}; installed: "
                           f"{', '.join(registry.decoders())} (or the row `unet`)")
-    detail, skeleton_recall, patch = None, 0.0, PATCH
+    detail, skeleton_recall, patch = DetailConfig(), 0.0, PATCH  # the path off unless an option turns it on
     for option in options:
         if option == "detail":
             detail = DetailConfig(enabled=True)
         elif option.startswith("detail") and option[6:].isdigit() and int(option[6:]) >= 1:
-            default = DetailConfig().channels
-            detail = DetailConfig(enabled=True, channels=[int(option[6:]), *default[1:]])
+            detail = DetailConfig(enabled=True, channels=[int(option[6:]), *DetailConfig().channels[1:]])
         elif option.startswith("srec"):
             skeleton_recall = srec_weight(row, option[4:])
         elif option[:1] == "p" and option[1:].isdigit() and int(option[1:]) >= 16:
@@ -126,8 +125,8 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
             "neck": "identity", "decoder": demo.model.decoder.model_validate(section)})
         label = f"DINOv3-S + {NAMES.get(decoder, decoder)}" + (" 128" if "hidden_size" in params else "")
     # set either way: configs/demo.yaml may itself turn the detail path on
-    model = model.model_copy(update={"detail": detail or DetailConfig(enabled=False)})
-    if detail:
+    model = model.model_copy(update={"detail": detail})
+    if detail.enabled:
         label += " + detail"
         if detail.channels != DetailConfig().channels:
             label += f" {'-'.join(map(str, detail.channels))}"
