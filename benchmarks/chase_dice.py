@@ -6,10 +6,13 @@ Run: .venv/bin/python benchmarks/chase_dice.py [--data ../shared/data/CHASEDB1] 
      [--epochs 12] [--iterations 50] [--seeds 3] [--rows unet upernet segformer upernet+detail ...]
      [--check] [--reuse] [--write [--section NAME]]
 
-A row is `unet` (nnU-Net's U-Net) or `DECODER[+detail[N]][+srec[W]][+pN][+stepS]` for any installed decoder:
+A row is `unet` (nnU-Net's U-Net) or `DECODER[+depthD][+detail[N]][+srec[W]][+pN][+stepS]` for any installed
+decoder:
 DINOv3-S with that head (UperNet on the pyramid neck as in configs/demo.yaml, every other head on the identity
 neck, width 128 where the head has a `hidden_size`), `+detail` adds the detail path with its default
 options (model.detail; `+detailN` with width N at stride 1, e.g. `+detail16`: channels 16, 32, 64, 64),
+`+depthD` runs only the backbone's first D blocks (model.layers: four blocks evenly spaced up to block D-1,
+e.g. `+depth6`: 0, 2, 3, 5; the later blocks are never run),
 `+srec` the Skeleton Recall loss term with weight 1 (train.loss; `+srecW` with weight W, e.g. `+srec0.4`),
 `+pN` trains on NxN patches instead of 192x192 at the same iterations and batch (more pixels per step: the
 patch size as a lever, said in the label), `+stepS` predicts with nnU-Net's tile_step_size S instead of
@@ -51,7 +54,7 @@ from pathlib import Path
 
 from segframe.config import DetailConfig, SegframeConfig, dump_config, load_config
 from segframe.demo import _run, _tool, convert, nnunet_env
-from segframe.errors import ConfigError
+from segframe.errors import ConfigError, SegframeError
 from segframe.evaluate import evaluate_folders
 from segframe.nnunet.plans import config_tag, plans_name, results_folder
 
@@ -92,7 +95,8 @@ def srec_weight(row: str, text: str) -> float:
 
 
 def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, float]:
-    """The label, config and prediction tile step of a ViT row `DECODER[+detail[N]][+srec[W]][+pN][+stepS]`
+    """The label, config and prediction tile step of a ViT row
+    `DECODER[+depthD][+detail[N]][+srec[W]][+pN][+stepS]`
     (the demo's model and train values)."""
     from segframe.plugins import get_registry
 
@@ -103,8 +107,11 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
         raise ConfigError(f"row {row!r}: unknown decoder {decoder!r}; installed: "
                           f"{', '.join(registry.decoders())} (or the row `unet`)")
     detail, skeleton_recall, patch = DetailConfig(), 0.0, PATCH  # the path off unless an option turns it on
+    layers = None
     for option in options:
-        if option == "detail":
+        if option.startswith("depth") and option[5:].isdigit() and int(option[5:]) >= 4:
+            layers = [(i + 1) * int(option[5:]) // 4 - 1 for i in range(4)]
+        elif option == "detail":
             detail = DetailConfig(enabled=True)
         elif option.startswith("detail") and option[6:].isdigit() and int(option[6:]) >= 1:
             detail = DetailConfig(enabled=True, channels=[int(option[6:]), *DetailConfig().channels[1:]])
@@ -113,8 +120,8 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
         elif option[:1] == "p" and option[1:].isdigit() and int(option[1:]) >= 16:
             patch = [int(option[1:])] * 2
         else:
-            raise ConfigError(f"row {row!r}: unknown option {option!r}; use +detail[N], +srec[W], +pN (a "
-                              "patch size) or +stepS (a tile step)")
+            raise ConfigError(f"row {row!r}: unknown option {option!r}; use +depthD (D >= 4 blocks), "
+                              "+detail[N], +srec[W], +pN (a patch size) or +stepS (a tile step)")
     if decoder == "upernet":
         model = demo.model
         label = "DINOv3-S + UperNet 128 (pyramid neck)"
@@ -125,7 +132,9 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
             "neck": "identity", "decoder": demo.model.decoder.model_validate(section)})
         label = f"DINOv3-S + {NAMES.get(decoder, decoder)}" + (" 128" if "hidden_size" in params else "")
     # set either way: configs/demo.yaml may itself turn the detail path on
-    model = model.model_copy(update={"detail": detail})
+    model = model.model_copy(update={"detail": detail, **({"layers": layers} if layers else {})})
+    if layers:
+        label = label.replace("DINOv3-S", f"DINOv3-S (blocks 1-{layers[-1] + 1})", 1)
     if detail.enabled:
         label += " + detail"
         if detail.channels != DetailConfig().channels:
@@ -356,7 +365,7 @@ def main() -> None:
             if row != "unet":
                 configs[row] = row_config(row, demo)
                 ViTSegModel(configs[row][1], in_channels=3, num_classes=2)  # an unbuildable row fails now
-    except ConfigError as exc:
+    except SegframeError as exc:
         parser.error(str(exc))
     if args.check:
         for row, (label, cfg, step) in configs.items():

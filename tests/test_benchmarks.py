@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from chase_dice import dataset_info, mean_sd, row_config, section_name, split_step, table, unet_plans  # noqa: E402
 from common import ROOT, write_section  # noqa: E402
 
+from segframe.backbones import default_layers  # noqa: E402
 from segframe.config import load_config  # noqa: E402
 from segframe.errors import ConfigError  # noqa: E402
 
@@ -131,4 +132,17 @@ def test_step_row_predicts_the_same_training_with_another_tile_step():
     assert split_step("unet") == ("unet", 0.5)
     for bad in ("segformer+step0", "segformer+step1.5", "segformer+stepx", "segformer+step0.5+step0.7"):
         with pytest.raises(ConfigError, match=r"one \+stepS with 0 < S <= 1"):
+            row_config(bad, demo)
+
+
+def test_depth_row_runs_the_first_blocks_only():
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    label, cfg, _ = row_config("upernet+depth6+detail+srec0.4", demo)
+    assert label.startswith("DINOv3-S (blocks 1-6) + UperNet") and cfg.model.layers == [0, 2, 3, 5]
+    assert row_config("upernet+depth8", demo)[1].model.layers == [1, 3, 5, 7]
+    # depth 12 is the family default for ViT-S (backbones.base.default_layers)
+    assert row_config("upernet+depth12", demo)[1].model.layers == default_layers(12)
+    assert row_config("upernet+detail", demo)[1].model.layers is None
+    for bad in ("upernet+depth3", "upernet+depthx", "upernet+depth"):
+        with pytest.raises(ConfigError, match=r"unknown option .*\+depthD \(D >= 4 blocks\)"):
             row_config(bad, demo)
