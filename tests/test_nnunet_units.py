@@ -1,7 +1,10 @@
 """The nnU-Net integration's pieces in isolation: plans variant, LR schedule, intensity check,
 auxiliary logits, and DDP (gloo, 2 CPU processes) with LoRA, frozen and partly used backbones."""
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,6 +122,48 @@ def test_cpu_device_takes_omp_num_threads_or_every_core(monkeypatch):
                 _device("cpu")
     finally:
         torch.set_num_threads(before)
+
+
+# `segframe train` in a process of its own that starts no training process; prints whether torch was imported
+REFUSE = """import sys
+from segframe.cli import main
+from segframe.nnunet import lifeline
+
+def no_child(argv):
+    raise SystemExit("a training process was started: " + " ".join(argv))
+
+lifeline.run_child = no_child
+code = main(sys.argv[1:])
+print("torch imported:", "torch" in sys.modules)
+sys.exit(code)
+"""
+
+
+def test_train_answers_argument_errors_without_torch(tmp_path):
+    """The refusals that need neither the model nor a checkpoint come from `segframe train`'s own process
+    before the training process starts (which imports torch): a typo is answered in under a second."""
+    env = dict(os.environ)
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[var] = str(tmp_path / var)
+        (tmp_path / var).mkdir()
+    dataset = tmp_path / "nnUNet_preprocessed" / "Dataset990_X"
+    dataset.mkdir()
+    (dataset / "nnUNetPlans.json").write_text(json.dumps(base_plans()))
+    (dataset / "splits_final.json").write_text(json.dumps([{"train": [], "val": []}] * 3))
+    refusals = {
+        "dataset '991' is not preprocessed": ["991", "2d", "0", "--config", "x.yaml"],
+        "no configuration '3d_lowres'; known: 2d, big, 3d_fullres": ["990", "3d_lowres", "0"],
+        "fold '3' does not exist": ["990", "2d", "3", "--config", "x.yaml"],
+        "plans 'nnUNetPlans_v2' (-p) not found": ["990", "2d", "0", "-p", "nnUNetPlans_v2", "--config", "x"],
+        "--config FILE.yaml is needed": ["990", "2d", "0"],
+        "--c and --val exclude each other": ["990", "2d", "0", "--c", "--val"],
+    }
+    for message, args in refusals.items():
+        done = subprocess.run([sys.executable, "-c", REFUSE, "train", *args, "-device", "cpu"], env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 1 and message in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+        assert "torch imported: False" in done.stdout, args
 
 
 def test_auxiliary_logits_match_the_output_size():

@@ -81,9 +81,6 @@ def _segframe_plans(args: argparse.Namespace, dataset_dir: Path) -> tuple[str, d
         cfg = load_config(args.config)
         tag = config_tag(args.name or Path(args.config).stem)
         return prepare_plans(dataset_dir, args.p, args.configuration, cfg, tag)
-    if not (args.c or args.val):
-        raise SegframeError(
-            "--config FILE.yaml is needed to start a training (--c and --val reuse the stored one)")
     if args.name:
         name = plans_name(args.p, config_tag(args.name))
         if not (dataset_dir / f"{name}.json").is_file():
@@ -146,6 +143,7 @@ def _train(args: argparse.Namespace) -> int:
     from segframe.nnunet import lifeline
 
     if lifeline.supported() and not lifeline.is_child():
+        _check_arguments(args)  # a typo is answered before the training process starts and imports torch
         return lifeline.run_child(_train_argv(args))
     if lifeline.is_child():
         lifeline.hold()
@@ -156,18 +154,11 @@ def _train(args: argparse.Namespace) -> int:
             lifeline.kill_descendants()
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    """Check everything (arguments, data, plans, checkpoints) before writing anything, then train."""
-    from segframe.nnunet.plans import (
-        config_from_configuration,
-        dataset_folder,
-        nnunet_folder,
-        read_json,
-        resolved_configuration,
-        results_folder,
-        store_plans,
-    )
-    from segframe.nnunet.trainer import TRUST_ENV, resolve_precision
+def _check_arguments(args: argparse.Namespace) -> tuple[Path, int | str]:
+    """The first checks of `train`, which need neither torch nor the model: options that exclude each
+    other, the dataset, its base plans and configuration, the fold, and a config to start from. Returns
+    the dataset's preprocessed folder and the fold."""
+    from segframe.nnunet.plans import check_configuration, dataset_folder, read_json
 
     if args.c and args.val:
         raise SegframeError("--c and --val exclude each other: --c continues training, --val only validates")
@@ -179,8 +170,27 @@ def _run_train(args: argparse.Namespace) -> int:
             "with --val --val_best and one GPU")
     dataset_dir = dataset_folder(args.dataset)
     base = read_json(dataset_dir / f"{args.p}.json", f"nnU-Net plans {args.p!r} (-p)")
-    resolved_configuration(base, args.configuration)
+    check_configuration(base, args.configuration)
     fold = _check_fold(dataset_dir, args.fold)
+    if not (args.config or args.c or args.val):
+        raise SegframeError(
+            "--config FILE.yaml is needed to start a training (--c and --val reuse the stored one)")
+    return dataset_dir, fold
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    """Check everything (arguments, data, plans, checkpoints) before writing anything, then train."""
+    from segframe.nnunet.plans import (
+        config_from_configuration,
+        nnunet_folder,
+        read_json,
+        resolved_configuration,
+        results_folder,
+        store_plans,
+    )
+    from segframe.nnunet.trainer import TRUST_ENV, resolve_precision
+
+    dataset_dir, fold = _check_arguments(args)
     name, plans, notes = _segframe_plans(args, dataset_dir)
     stored = plans or read_json(dataset_dir / f"{name}.json", "segframe plans")
     device = _device(args.device)

@@ -16,8 +16,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import segframe
 from segframe.config import SegframeConfig, validate_config
 from segframe.errors import ConfigError, PluginError, SegframeError
@@ -50,6 +48,8 @@ def round_patch(size: list[int], patch: int) -> list[int]:
 
 def backbone_patch_size(cfg: SegframeConfig) -> int:
     """The backbone's patch size, from a weightless (meta-device) build."""
+    import torch
+
     from segframe.plugins import get_registry
 
     spec = get_registry().backbone(cfg.model.backbone.name).spec
@@ -110,13 +110,18 @@ def resolved_configuration(plans: dict[str, Any], configuration: str) -> dict[st
     """The configuration with nnU-Net's `inherits_from` applied."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    check_configuration(plans, configuration)
+    return PlansManager(plans).get_configuration(configuration).configuration
+
+
+def check_configuration(plans: dict[str, Any], configuration: str) -> None:
+    """The plans have `configuration`, or an error listing the ones they have."""
     known = list(plans.get("configurations", {}))
     if configuration not in known:
         raise NnUNetSetupError(
             f"plans {plans.get('plans_name')!r} have no configuration {configuration!r}; "
             f"known: {', '.join(known) or '(none)'}"
         )
-    return PlansManager(plans).get_configuration(configuration).configuration
 
 
 def make_plans(
