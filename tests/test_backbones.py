@@ -99,6 +99,26 @@ def test_features_shape_and_layers(family, opts):
         b.features(torch.randn(1, 3, 3 * p + 1, 5 * p))
 
 
+@pytest.mark.parametrize("family,opts", TINIES)
+def test_blocks_after_the_last_layer_are_not_run(family, opts):
+    """features([0, 1]) runs blocks 0 and 1 only, and equals timm's run of every block."""
+    b = tiny(family, **opts).eval()
+    ran = []
+    for i, block in enumerate(b.vit.blocks):
+        block.register_forward_hook(lambda module, args, out, i=i: ran.append(i))
+    x = torch.randn(1, 3, 4 * b.patch_size, 3 * b.patch_size)
+    with torch.no_grad():
+        ours = b.features(x, layers=[0, 1], prefix_tokens=b.num_prefix_tokens > 0)
+        assert ran == [0, 1]
+        theirs = b.vit.forward_intermediates(x, indices=[0, 1], norm=b.intermediate_norm, output_fmt="NCHW",
+                                             intermediates_only=True,
+                                             return_prefix_tokens=b.num_prefix_tokens > 0)
+    assert ran == [0, 1, 0, 1, 2, 3]  # timm's default: every block
+    if b.num_prefix_tokens:  # ours: (features, prefix tokens); timm's: one (features, prefix) per layer
+        theirs = [f for f, _ in theirs], [t for _, t in theirs]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family,opts,normed", [
     ("dinov3", {}, True), ("dinov2", {}, True), ("visionfm", {}, True),
     ("retfound", {}, False), ("retfound", {"variant": "dinov2"}, True),

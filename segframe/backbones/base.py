@@ -185,9 +185,10 @@ class Backbone(nn.Module):
         norm = self.intermediate_norm if norm is None else norm
         if prefix_tokens and not self.num_prefix_tokens:
             raise SegframeError(f"backbone {self.family} {self.size} has no prefix tokens (no CLS token)")
+        # stop_early: the blocks after the last of `layers` are not run (timm runs every block otherwise)
         out = self.vit.forward_intermediates(
             x, indices=layers, norm=norm, output_fmt="NCHW", intermediates_only=True,
-            return_prefix_tokens=prefix_tokens,
+            return_prefix_tokens=prefix_tokens, stop_early=True,
         )
         if not prefix_tokens:
             return out
