@@ -1,5 +1,6 @@
 """The nnU-Net integration's pieces in isolation: plans variant, LR schedule, intensity check,
-auxiliary logits, and DDP (gloo, 2 CPU processes) with LoRA, frozen and partly used backbones."""
+auxiliary logits, DDP (gloo, 2 CPU processes) with LoRA, frozen and partly used backbones, and the
+`segframe train` refusals answered before the training process starts."""
 
 import json
 import os
