@@ -6,11 +6,12 @@ Run: .venv/bin/python benchmarks/chase_dice.py [--data ../shared/data/CHASEDB1] 
      [--epochs 12] [--iterations 50] [--seeds 3] [--rows unet upernet segformer upernet+detail ...]
      [--check] [--reuse] [--write [--section NAME]]
 
-A row is `unet` (nnU-Net's U-Net) or `DECODER[+depthD][+detail[N]][+srec[W]][+pN][+stepS]` for any installed
-decoder:
+A row is `unet` (nnU-Net's U-Net) or `DECODER[+hN][+depthD][+detail[N]][+srec[W]][+pN][+stepS]` for any
+installed decoder:
 DINOv3-S with that head (UperNet on the pyramid neck as in configs/demo.yaml, every other head on the identity
-neck, width 128 where the head has a `hidden_size`), `+detail` adds the detail path with its default
-options (model.detail; `+detailN` with width N at stride 1, e.g. `+detail16`: channels 16, 32, 64, 64),
+neck, width 128 where the head has a `hidden_size`; `+hN` sets that width to N instead), `+detail` adds the
+detail path with its default options (model.detail; `+detailN` with width N at stride 1, e.g. `+detail16`:
+channels 16, 32, 64, 64),
 `+depthD` runs only the backbone's first D blocks (model.layers: four blocks evenly spaced up to block D-1,
 e.g. `+depth6`: 0, 2, 3, 5; the later blocks are never run),
 `+srec` the Skeleton Recall loss term with weight 1 (train.loss; `+srecW` with weight W, e.g. `+srec0.4`),
@@ -96,7 +97,7 @@ def srec_weight(row: str, text: str) -> float:
 
 def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, float]:
     """The label, config and prediction tile step of a ViT row
-    `DECODER[+depthD][+detail[N]][+srec[W]][+pN][+stepS]`
+    `DECODER[+hN][+depthD][+detail[N]][+srec[W]][+pN][+stepS]`
     (the demo's model and train values)."""
     from segframe.plugins import get_registry
 
@@ -107,9 +108,11 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
         raise ConfigError(f"row {row!r}: unknown decoder {decoder!r}; installed: "
                           f"{', '.join(registry.decoders())} (or the row `unet`)")
     detail, skeleton_recall, patch = DetailConfig(), 0.0, PATCH  # the path off unless an option turns it on
-    layers = None
+    layers, hidden = None, 128
     for option in options:
-        if option.startswith("depth") and option[5:].isdigit() and int(option[5:]) >= 4:
+        if option[:1] == "h" and option[1:].isdigit() and int(option[1:]) >= 1:
+            hidden = int(option[1:])
+        elif option.startswith("depth") and option[5:].isdigit() and int(option[5:]) >= 4:
             layers = [(i + 1) * int(option[5:]) // 4 - 1 for i in range(4)]
         elif option == "detail":
             detail = DetailConfig(enabled=True)
@@ -120,17 +123,20 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
         elif option[:1] == "p" and option[1:].isdigit() and int(option[1:]) >= 16:
             patch = [int(option[1:])] * 2
         else:
-            raise ConfigError(f"row {row!r}: unknown option {option!r}; use +depthD (D >= 4 blocks), "
-                              "+detail[N], +srec[W], +pN (a patch size) or +stepS (a tile step)")
+            raise ConfigError(f"row {row!r}: unknown option {option!r}; use +hN (a head width), "
+                              "+depthD (D >= 4 blocks), +detail[N], +srec[W], +pN (a patch size) "
+                              "or +stepS (a tile step)")
+    widths = "hidden_size" in registry.decoder(decoder).spec.params.model_fields
+    if hidden != 128 and not widths:
+        raise ConfigError(f"row {row!r}: +hN sets a head's hidden_size, which {decoder} does not have")
+    section = {"name": decoder, **({"hidden_size": hidden} if widths else {})}
     if decoder == "upernet":
-        model = demo.model
-        label = "DINOv3-S + UperNet 128 (pyramid neck)"
+        model = demo.model.model_copy(update={"decoder": demo.model.decoder.model_copy(update=section)})
+        label = f"DINOv3-S + UperNet {hidden} (pyramid neck)"
     else:
-        params = registry.decoder(decoder).spec.params.model_fields
-        section = {"name": decoder, **({"hidden_size": 128} if "hidden_size" in params else {})}
         model = demo.model.model_copy(update={
             "neck": "identity", "decoder": demo.model.decoder.model_validate(section)})
-        label = f"DINOv3-S + {NAMES.get(decoder, decoder)}" + (" 128" if "hidden_size" in params else "")
+        label = f"DINOv3-S + {NAMES.get(decoder, decoder)}" + (f" {hidden}" if widths else "")
     # set either way: configs/demo.yaml may itself turn the detail path on
     model = model.model_copy(update={"detail": detail, **({"layers": layers} if layers else {})})
     if layers:
@@ -334,8 +340,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, metavar="N",
                         help="train every row N times, with train.seed 0..N-1; the table gives mean ± sd")
     parser.add_argument("--rows", "--only", nargs="+", default=DEFAULT_ROWS, metavar="ROW",
-                        help="unet, or DECODER[+detail[N]][+srec[W]][+pN][+stepS] for any installed decoder "
-                             "(see the docstring)")
+                        help="unet, or DECODER[+hN][+depthD][+detail[N]][+srec[W]][+pN][+stepS] for any "
+                             "installed decoder (see the docstring)")
     parser.add_argument("--check", action="store_true", help="build every row's model, then exit")
     parser.add_argument("--reuse", action="store_true",
                         help="take the runs an interrupted run finished (work/rows/ROW_sSEED.json, one per "

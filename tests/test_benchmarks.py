@@ -146,3 +146,20 @@ def test_depth_row_runs_the_first_blocks_only():
     for bad in ("upernet+depth3", "upernet+depthx", "upernet+depth"):
         with pytest.raises(ConfigError, match=r"unknown option .*\+depthD \(D >= 4 blocks\)"):
             row_config(bad, demo)
+
+
+def test_width_row_sets_the_heads_hidden_size():
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    label, cfg, _ = row_config("upernet+h96+depth4+detail+srec0.4", demo)
+    assert label.startswith("DINOv3-S (blocks 1-4) + UperNet 96 (pyramid neck) + detail")
+    assert cfg.model.decoder.hidden_size == 96 and cfg.model.neck == "pyramid"
+    assert cfg.model.layers == [0, 1, 2, 3]
+    assert cfg.model.decoder.pool_scales == demo.model.decoder.pool_scales
+    assert row_config("upernet", demo)[1].model.decoder.hidden_size == 128
+    label, cfg, _ = row_config("segformer+h64", demo)
+    assert label == "DINOv3-S + SegFormer 64" and cfg.model.decoder.hidden_size == 64
+    with pytest.raises(ConfigError, match=r"\+hN sets a head's hidden_size, which linear does not have"):
+        row_config("linear+h64", demo)
+    for bad in ("upernet+h0", "upernet+hx", "upernet+h"):
+        with pytest.raises(ConfigError, match=r"unknown option .*\+hN \(a head width\)"):
+            row_config(bad, demo)
