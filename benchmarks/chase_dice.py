@@ -137,8 +137,8 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
         model = demo.model.model_copy(update={
             "neck": "identity", "decoder": demo.model.decoder.model_validate(section)})
         label = f"DINOv3-S + {NAMES.get(decoder, decoder)}" + (f" {hidden}" if widths else "")
-    # set either way: configs/demo.yaml may itself turn the detail path on
-    model = model.model_copy(update={"detail": detail, **({"layers": layers} if layers else {})})
+    # set either way: configs/demo.yaml may itself set the detail path, the layers, the width or the loss
+    model = model.model_copy(update={"detail": detail, "layers": layers})
     if layers:
         label = label.replace("DINOv3-S", f"DINOv3-S (blocks 1-{layers[-1] + 1})", 1)
     if detail.enabled:

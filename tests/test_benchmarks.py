@@ -163,3 +163,15 @@ def test_width_row_sets_the_heads_hidden_size():
     for bad in ("upernet+h0", "upernet+hx", "upernet+h"):
         with pytest.raises(ConfigError, match=r"unknown option .*\+hN \(a head width\)"):
             row_config(bad, demo)
+
+
+def test_a_row_says_everything_it_trains_whatever_the_demo_config_sets():
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    model = demo.model.model_copy(update={
+        "layers": [0, 1, 2, 3], "decoder": demo.model.decoder.model_copy(update={"hidden_size": 96})})
+    loss = demo.train.loss.model_copy(update={"skeleton_recall": 0.4})
+    tuned = demo.model_copy(update={"model": model, "train": demo.train.model_copy(update={"loss": loss})})
+    label, cfg, _ = row_config("upernet+detail", tuned)
+    assert label == "DINOv3-S + UperNet 128 (pyramid neck) + detail"
+    assert cfg.model.layers is None and cfg.model.decoder.hidden_size == 128
+    assert cfg.train.loss.skeleton_recall == 0.0
