@@ -159,6 +159,19 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def describe(cfg: Any) -> str:
+    """What the demo trains, in one line: backbone, the blocks read, head and width, detail path, loss."""
+    m = cfg.model
+    text = f"{m.backbone.name} {m.backbone_size}"
+    if m.layers is not None:
+        text += f" (features of blocks {', '.join(str(i + 1) for i in m.layers)})"
+    width = getattr(m.decoder, "hidden_size", None)
+    text += f" + {m.decoder.name}" + (f" {width}" if width else "")
+    text += " + detail path" if m.detail.enabled else ""
+    recall = cfg.train.loss.skeleton_recall
+    return text + "; loss: nnU-Net's Dice + CE" + (f" + Skeleton Recall {recall:g}" if recall else "")
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     from segframe.evaluate import format_markdown
 
@@ -251,8 +264,7 @@ def run_demo(data: str, work: str | Path, config: str | Path = DEFAULT_CONFIG, c
     summary = {
         "data": source,
         "dataset": str(dataset),
-        "model": f"{cfg.model.backbone.name} {cfg.model.backbone_size} + {cfg.model.decoder.name}"
-                 + (" + detail path" if cfg.model.detail.enabled else ""),
+        "model": describe(cfg),
         "weights": weights,
         "config": str(used_config),
         "model_folder": str(model_folder),

@@ -67,7 +67,9 @@ def test_demo_on_generated_data(tmp_path, fake_nnunet, capsys, monkeypatch):
     assert [c["dice"] for c in cases.values()] == [0.0, 1.0, 1.0]
     work = tmp_path / "work"
     assert json.loads((work / "summary.json").read_text())["metrics"]["mean"]["dice"] == pytest.approx(2 / 3)
-    assert "random initialisation" in (work / "summary.md").read_text()
+    text = (work / "summary.md").read_text()
+    assert "random initialisation" in text
+    assert "- model: dinov3 small + upernet 128 + detail path; loss: nnU-Net's Dice + CE (random" in text
     assert (work / "metrics.csv").is_file()
     assert sorted(p.name for p in (work / "overlays").iterdir()) == [f"test_00{i}.png" for i in range(3)]
 
@@ -82,6 +84,17 @@ def test_demo_on_drive_with_checkpoint(tmp_path, fake_nnunet):
     used = yaml.safe_load((tmp_path / "work" / "demo_config.yaml").read_text())
     assert used["model"]["checkpoint_path"] == str(weights)
     assert summary["weights"].startswith("fine-tuned from")
+
+
+def test_the_summary_names_every_setting_the_demo_trains(tmp_path, fake_nnunet):
+    write_drive(tmp_path / "DRIVE")
+    config = tmp_path / "mine.yaml"
+    text = demo.DEFAULT_CONFIG.read_text().replace("hidden_size: 128", "hidden_size: 64")
+    text = text.replace("  neck: pyramid", "  layers: [0, 1, 2, 3]\n  neck: pyramid")
+    config.write_text(text + "  loss: {skeleton_recall: 0.4}\n")
+    summary = demo.run_demo(str(tmp_path / "DRIVE"), tmp_path / "work", config=config)
+    assert summary["model"] == ("dinov3 small (features of blocks 1, 2, 3, 4) + upernet 64 + detail path; "
+                                "loss: nnU-Net's Dice + CE + Skeleton Recall 0.4")
 
 
 def test_overlay_colours():

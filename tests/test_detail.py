@@ -340,8 +340,9 @@ def test_benchmark_rows_for_any_decoder():
     label, cfg, _ = row_config("segformer", demo)
     assert not cfg.model.detail.enabled and cfg.model.neck == "identity"
     assert cfg.train.patch_size == [192, 192]
+    plain = demo.train.loss.model_copy(update={"skeleton_recall": 0.0})  # a row without +srec has no term
     assert cfg.model.decoder.params["hidden_size"] == 128 and cfg.train == demo.train.model_copy(
-        update={"patch_size": [192, 192], "batch_size": 2})
+        update={"patch_size": [192, 192], "batch_size": 2, "loss": plain})
     on = demo.model.model_copy(update={"detail": DetailConfig(enabled=True)})
     detailed = demo.model_copy(update={"model": on})
     assert not row_config("upernet", detailed)[1].model.detail.enabled  # a plain row stays plain
