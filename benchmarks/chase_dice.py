@@ -108,7 +108,7 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
         raise ConfigError(f"row {row!r}: unknown decoder {decoder!r}; installed: "
                           f"{', '.join(registry.decoders())} (or the row `unet`)")
     detail, skeleton_recall, patch = DetailConfig(), 0.0, PATCH  # the path off unless an option turns it on
-    layers, hidden = None, 128
+    layers, hidden = None, None
     for option in options:
         if option[:1] == "h" and option[1:].isdigit() and int(option[1:]) >= 1:
             hidden = int(option[1:])
@@ -127,8 +127,9 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
                               "+depthD (D >= 4 blocks), +detail[N], +srec[W], +pN (a patch size) "
                               "or +stepS (a tile step)")
     widths = "hidden_size" in registry.decoder(decoder).spec.params.model_fields
-    if hidden != 128 and not widths:
+    if hidden and not widths:
         raise ConfigError(f"row {row!r}: +hN sets a head's hidden_size, which {decoder} does not have")
+    hidden = hidden or 128
     section = {"name": decoder, **({"hidden_size": hidden} if widths else {})}
     if decoder == "upernet":
         model = demo.model.model_copy(update={"decoder": demo.model.decoder.model_copy(update=section)})

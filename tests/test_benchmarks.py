@@ -160,6 +160,8 @@ def test_width_row_sets_the_heads_hidden_size():
     assert label == "DINOv3-S + SegFormer 64" and cfg.model.decoder.hidden_size == 64
     with pytest.raises(ConfigError, match=r"\+hN sets a head's hidden_size, which linear does not have"):
         row_config("linear+h64", demo)
+    with pytest.raises(ConfigError, match=r"\+hN sets a head's hidden_size, which linear does not have"):
+        row_config("linear+h128", demo)  # the default width is no exception
     for bad in ("upernet+h0", "upernet+hx", "upernet+h"):
         with pytest.raises(ConfigError, match=r"unknown option .*\+hN \(a head width\)"):
             row_config(bad, demo)
