@@ -165,7 +165,7 @@ def describe(cfg: Any) -> str:
     text = f"{m.backbone.name} {m.backbone_size}"
     if m.layers is not None:
         text += f" (features of blocks {', '.join(str(i + 1) for i in m.layers)})"
-    width = getattr(m.decoder, "hidden_size", None)
+    width = getattr(cfg.decoder_params(), "hidden_size", None)  # the plugin's default when the YAML omits it
     text += f" + {m.decoder.name}" + (f" {width}" if width else "")
     text += " + detail path" if m.detail.enabled else ""
     recall = cfg.train.loss.skeleton_recall
