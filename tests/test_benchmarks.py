@@ -110,16 +110,19 @@ def test_srec_row_turns_on_skeleton_recall():
             row_config(bad, demo)
 
 
-def test_detail_width_row_sets_the_stride_1_width_only():
+def test_detail_width_rows_set_the_stride_1_width_or_all_four():
     demo = load_config(ROOT / "configs" / "demo.yaml")
     label, cfg, _ = row_config("upernet+detail16+srec0.4", demo)
     assert label.endswith("+ detail 16-32-64-64 + Skeleton Recall 0.4")
     assert cfg.model.detail.enabled and cfg.model.detail.channels == [16, 32, 64, 64]
+    label, cfg, _ = row_config("upernet+detail32-16-32-32", demo)
+    assert label.endswith("+ detail 32-16-32-32") and cfg.model.detail.channels == [32, 16, 32, 32]
     label, cfg, _ = row_config("upernet+detail", demo)
     assert label.endswith("+ detail") and cfg.model.detail.channels == [32, 32, 64, 64]
     assert not row_config("upernet", demo)[1].model.detail.enabled
-    for bad in ("upernet+detail0", "upernet+detailx", "upernet+detail-8"):
-        with pytest.raises(ConfigError, match=r"unknown option .*\+detail\[N\]"):
+    for bad in ("upernet+detail0", "upernet+detailx", "upernet+detail-8", "upernet+detail32-16",
+                "upernet+detail32-16-0-32", "upernet+detail32-16-32-32-8"):
+        with pytest.raises(ConfigError, match=r"unknown option .*\+detail\[N\|A-B-C-D\]"):
             row_config(bad, demo)
 
 
