@@ -125,8 +125,8 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
             layers = [(i + 1) * int(option[5:]) // 4 - 1 for i in range(4)]
         elif option == "detail":
             detail = DetailConfig(enabled=True)
-        elif option.startswith("detail") and detail_widths(option[6:]):
-            detail = DetailConfig(enabled=True, channels=detail_widths(option[6:]))
+        elif option.startswith("detail") and (channels := detail_widths(option[6:])):
+            detail = DetailConfig(enabled=True, channels=channels)
         elif option.startswith("srec"):
             skeleton_recall = srec_weight(row, option[4:])
         elif option[:1] == "p" and option[1:].isdigit() and int(option[1:]) >= 16:
