@@ -6,12 +6,13 @@ Run: .venv/bin/python benchmarks/chase_dice.py [--data ../shared/data/CHASEDB1] 
      [--epochs 12] [--iterations 50] [--seeds 3] [--rows unet upernet segformer upernet+detail ...]
      [--check] [--reuse] [--write [--section NAME]]
 
-A row is `unet` (nnU-Net's U-Net) or `DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+srec[W]][+pN][+stepS]`
-for any installed decoder:
+A row is `unet` (nnU-Net's U-Net) or
+`DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+unitsA-B-C-D][+srec[W]][+pN][+stepS]` for any installed decoder:
 DINOv3-S with that head (UperNet on the pyramid neck as in configs/demo.yaml, every other head on the identity
 neck, width 128 where the head has a `hidden_size`; `+hN` sets that width to N instead), `+detail` adds the
 detail path with its default options (model.detail; `+detailN` with width N at stride 1, e.g. `+detail16`:
-channels 16, 32, 64, 64; `+detailA-B-C-D` sets all four widths, strides 1, 2, 4, 8),
+channels 16, 32, 64, 64; `+detailA-B-C-D` sets all four widths, strides 1, 2, 4, 8; `+unitsA-B-C-D` the
+path's conv units per stage, e.g. `+units1-2-2-2`: one at stride 1 instead of two),
 `+depthD` runs only the backbone's first D blocks (model.layers: four blocks evenly spaced up to block D-1,
 e.g. `+depth6`: 0, 2, 3, 5; the later blocks are never run),
 `+srec` the Skeleton Recall loss term with weight 1 (train.loss; `+srecW` with weight W, e.g. `+srec0.4`),
@@ -95,18 +96,18 @@ def srec_weight(row: str, text: str) -> float:
     return weight
 
 
-def detail_widths(text: str) -> list[int] | None:
-    """The detail path's widths of a row's `+detailN` (N at stride 1, the default widths after it) or
-    `+detailA-B-C-D` (all four, strides 1, 2, 4, 8); None when `text` is neither."""
+def detail_widths(text: str, default: list[int] | None = None) -> list[int] | None:
+    """The four integers >= 1 of a row's `A-B-C-D` (strides 1, 2, 4, 8), or with `default` also a
+    single `N` (N at stride 1, `default`'s values after it); None when `text` is neither."""
     parts = text.split("-")
-    if not all(p.isdigit() and int(p) >= 1 for p in parts) or len(parts) not in (1, 4):
+    if not all(p.isdigit() and int(p) >= 1 for p in parts) or len(parts) not in ((1, 4) if default else (4,)):
         return None
-    return [int(p) for p in parts] + DetailConfig().channels[len(parts):]
+    return [int(p) for p in parts] + (default or [])[len(parts):]
 
 
 def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, float]:
     """The label, config and prediction tile step of a ViT row
-    `DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+srec[W]][+pN][+stepS]`
+    `DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+unitsA-B-C-D][+srec[W]][+pN][+stepS]`
     (the demo's model and train values)."""
     from segframe.plugins import get_registry
 
@@ -117,7 +118,7 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
         raise ConfigError(f"row {row!r}: unknown decoder {decoder!r}; installed: "
                           f"{', '.join(registry.decoders())} (or the row `unet`)")
     detail, skeleton_recall, patch = DetailConfig(), 0.0, PATCH  # the path off unless an option turns it on
-    layers, hidden = None, None
+    layers, hidden, units = None, None, None
     for option in options:
         if option[:1] == "h" and option[1:].isdigit() and int(option[1:]) >= 1:
             hidden = int(option[1:])
@@ -125,16 +126,22 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
             layers = [(i + 1) * int(option[5:]) // 4 - 1 for i in range(4)]
         elif option == "detail":
             detail = DetailConfig(enabled=True)
-        elif option.startswith("detail") and (channels := detail_widths(option[6:])):
+        elif option.startswith("detail") and (channels := detail_widths(option[6:], DetailConfig().channels)):
             detail = DetailConfig(enabled=True, channels=channels)
+        elif option.startswith("units") and (units := detail_widths(option[5:])):
+            pass  # applied to the detail path below, whichever order the options come in
         elif option.startswith("srec"):
             skeleton_recall = srec_weight(row, option[4:])
         elif option[:1] == "p" and option[1:].isdigit() and int(option[1:]) >= 16:
             patch = [int(option[1:])] * 2
         else:
             raise ConfigError(f"row {row!r}: unknown option {option!r}; use +hN (a head width), "
-                              "+depthD (D >= 4 blocks), +detail[N|A-B-C-D], +srec[W], +pN (a patch size) "
-                              "or +stepS (a tile step)")
+                              "+depthD (D >= 4 blocks), +detail[N|A-B-C-D], +unitsA-B-C-D, +srec[W], "
+                              "+pN (a patch size) or +stepS (a tile step)")
+    if units:
+        if not detail.enabled:
+            raise ConfigError(f"row {row!r}: +unitsA-B-C-D sets the detail path's conv units; add +detail")
+        detail = detail.model_copy(update={"units": units})
     widths = "hidden_size" in registry.decoder(decoder).spec.params.model_fields
     if hidden and not widths:
         raise ConfigError(f"row {row!r}: +hN sets a head's hidden_size, which {decoder} does not have")
@@ -155,6 +162,8 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
         label += " + detail"
         if detail.channels != DetailConfig().channels:
             label += f" {'-'.join(map(str, detail.channels))}"
+        if detail.units != DetailConfig().units:
+            label += f" (units {'-'.join(map(str, detail.units))})"
     if skeleton_recall:
         label += " + Skeleton Recall" + (f" {skeleton_recall:g}" if skeleton_recall != 1 else "")
     loss = demo.train.loss.model_copy(update={"skeleton_recall": skeleton_recall})
@@ -350,8 +359,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, metavar="N",
                         help="train every row N times, with train.seed 0..N-1; the table gives mean ± sd")
     parser.add_argument("--rows", "--only", nargs="+", default=DEFAULT_ROWS, metavar="ROW",
-                        help="unet, or DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+srec[W]][+pN][+stepS] "
-                             "for any installed decoder (see the docstring)")
+                        help="unet, or DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+unitsA-B-C-D][+srec[W]]"
+                             "[+pN][+stepS] for any installed decoder (see the docstring)")
     parser.add_argument("--check", action="store_true", help="build every row's model, then exit")
     parser.add_argument("--reuse", action="store_true",
                         help="take the runs an interrupted run finished (work/rows/ROW_sSEED.json, one per "

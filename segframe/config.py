@@ -47,6 +47,11 @@ class DetailConfig(_Strict):
         default_factory=lambda: [32, 32, 64, 64], min_length=4, max_length=4,
         description="widths at strides 1, 2, 4, 8 (encoder and decoder)",
     )
+    units: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [2, 2, 2, 2], min_length=4, max_length=4,
+        description="conv3x3-norm-LeakyReLU units per stage at strides 1, 2, 4, 8 (encoder and decoder; "
+        "nnU-Net's stages have 2)",
+    )
     norm: Literal["instance", "group", "batch"] = Field(
         "instance", description="normalisation in the path: instance (as nnU-Net), group or batch"
     )

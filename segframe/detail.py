@@ -3,9 +3,9 @@ full resolution with the image's own detail at strides 1, 2, 4 and 8, for 1-3 px
 
 A ViT sees a thin vessel as a fraction of one token, and an upsampler that reads only the head's
 logits cannot bring it back. `DetailPath` encodes the normalised, padded image with a small
-convolutional encoder (two conv3x3 - norm - LeakyReLU units per stride, strided convs between
-them, nnU-Net's building blocks), then decodes from stride 8 to stride 1 U-Net style: each
-decoder stage reads the upsampled previous stage, the encoder features of its stride and the
+convolutional encoder (`units` conv3x3 - norm - LeakyReLU units per stride, two by default,
+the first of a stage strided; nnU-Net's building blocks), then decodes from stride 8 to stride 1
+U-Net style: each decoder stage reads the upsampled previous stage, the encoder features of its stride and the
 head's logits resized to that stride (so any head output stride works: 16, 3.5, 0.875, ...).
 A 1x1 conv gives class logits that are added to the bilinear upsampling of the head's logits
 (a residual path); the last conv starts small, so the model starts close to "head + bilinear"
@@ -39,8 +39,9 @@ def _unit(ch_in: int, ch_out: int, norm: str, stride: int = 1) -> nn.Sequential:
     )
 
 
-def _block(ch_in: int, ch_out: int, norm: str, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(_unit(ch_in, ch_out, norm, stride), _unit(ch_out, ch_out, norm))
+def _block(ch_in: int, ch_out: int, norm: str, units: int, stride: int = 1) -> nn.Sequential:
+    rest = [_unit(ch_out, ch_out, norm) for _ in range(units - 1)]
+    return nn.Sequential(_unit(ch_in, ch_out, norm, stride), *rest)
 
 
 class DetailPath(nn.Module):
@@ -48,24 +49,26 @@ class DetailPath(nn.Module):
 
     forward(image (B, C, H, W), logits (B, K, h, w) at any stride) -> logits (B, K, H, W).
 
-    `channels[i]` is the width at stride `STRIDES[i]` of both encoder and decoder; `norm` is
+    `channels[i]` is the width at stride `STRIDES[i]` of both encoder and decoder, `units[i]` the
+    number of conv units of both stages there (nnU-Net's 2 by default); `norm` is
     instance (nnU-Net's choice), group or batch. With `checkpointing`, each block is recomputed
     in backward (the full-resolution activations dominate its memory).
     """
 
     def __init__(self, in_channels: int, num_classes: int, channels: list[int] | tuple[int, ...],
-                 norm: str = "instance", checkpointing: bool = False):
+                 norm: str = "instance", checkpointing: bool = False,
+                 units: list[int] | tuple[int, ...] = (2, 2, 2, 2)):
         super().__init__()
-        c = list(channels)
+        c, n = list(channels), list(units)
         k = num_classes
         self.checkpointing = checkpointing
         self.encoder = nn.ModuleList(
-            [_block(in_channels, c[0], norm)]
-            + [_block(c[i - 1], c[i], norm, stride=2) for i in range(1, len(c))]
+            [_block(in_channels, c[0], norm, n[0])]
+            + [_block(c[i - 1], c[i], norm, n[i], stride=2) for i in range(1, len(c))]
         )
         # decoder stage i (stride STRIDES[i]) reads [stage i+1 upsampled, encoder i, head logits]
         self.decoder = nn.ModuleList(
-            [_block(c[i] + (c[i + 1] if i + 1 < len(c) else 0) + k, c[i], norm) for i in range(len(c))]
+            [_block(c[i] + (c[i + 1] if i + 1 < len(c) else 0) + k, c[i], norm, n[i]) for i in range(len(c))]
         )
         self.out = nn.Conv2d(c[0], k, kernel_size=1)
         for m in self.modules():

@@ -120,9 +120,15 @@ def test_detail_width_rows_set_the_stride_1_width_or_all_four():
     label, cfg, _ = row_config("upernet+detail", demo)
     assert label.endswith("+ detail") and cfg.model.detail.channels == [32, 32, 64, 64]
     assert not row_config("upernet", demo)[1].model.detail.enabled
+    label, cfg, _ = row_config("upernet+units1-2-2-2+detail16", demo)  # either order
+    assert label.endswith("+ detail 16-32-64-64 (units 1-2-2-2)") and cfg.model.detail.units == [1, 2, 2, 2]
+    assert row_config("upernet+detail", demo)[1].model.detail.units == [2, 2, 2, 2]
+    with pytest.raises(ConfigError, match=r"\+unitsA-B-C-D sets the detail path's conv units; add \+detail"):
+        row_config("upernet+units1-2-2-2", demo)
     for bad in ("upernet+detail0", "upernet+detailx", "upernet+detail-8", "upernet+detail32-16",
-                "upernet+detail32-16-0-32", "upernet+detail32-16-32-32-8"):
-        with pytest.raises(ConfigError, match=r"unknown option .*\+detail\[N\|A-B-C-D\]"):
+                "upernet+detail32-16-0-32", "upernet+detail32-16-32-32-8", "upernet+detail+units1",
+                "upernet+detail+units1-0-2-2"):
+        with pytest.raises(ConfigError, match=r"unknown option .*\+detail\[N\|A-B-C-D\], \+unitsA-B-C-D"):
             row_config(bad, demo)
 
 

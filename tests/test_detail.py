@@ -171,11 +171,43 @@ def test_refused_for_a_head_that_owns_its_loss_and_with_an_upsampler(registry):
     ({"enabled": True, "channels": [8, 8, 16]}, r"model\.detail\.channels"),
     ({"enabled": True, "channels": [8, 0, 8, 8]}, r"model\.detail\.channels\.1: .*greater than or equal"),
     ({"enabled": True, "norm": "layer"}, r"model\.detail\.norm"),
+    ({"enabled": True, "units": [1, 2, 2]}, r"model\.detail\.units"),
+    ({"enabled": True, "units": [0, 2, 2, 2]}, r"model\.detail\.units\.0: .*greater than or equal"),
     ({"enable": True}, r"model\.detail\.enable: unknown key"),
 ])
 def test_bad_detail_config_is_a_clear_error(detail, match):
     with pytest.raises(ConfigError, match=match):
         validate_config(tiny_config(detail=detail))
+
+
+@pytest.mark.parametrize("units", [[1, 2, 2, 2], [3, 1, 2, 1]])
+def test_units_per_stage_compute_nnunets_stacked_conv_blocks(units):
+    """`model.detail.units`: each encoder and decoder stage is nnU-Net's StackedConvBlocks with that
+    many conv units (dynamic_network_architectures as the reference, the same weights copied in),
+    and the model with fewer units still trains every parameter."""
+    from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
+
+    model = build(detail={**DETAIL, "units": units}).train()
+    path = model.detail
+    for stages in (path.encoder, path.decoder):
+        for i, stage in enumerate(stages):
+            conv = stage[0][0]
+            ref = StackedConvBlocks(units[i], nn.Conv2d, conv.in_channels, conv.out_channels, 3,
+                                    conv.stride, norm_op=nn.InstanceNorm2d, norm_op_kwargs={"affine": True},
+                                    nonlin=nn.LeakyReLU, nonlin_kwargs={"negative_slope": 0.01})
+            ours = list(stage.parameters())
+            theirs = list(ref.parameters())
+            assert [p.shape for p in ours] == [p.shape for p in theirs]
+            with torch.no_grad():
+                for a, b in zip(ours, theirs, strict=True):
+                    b.copy_(a + 0.1 * torch.randn_like(a) * (a.ndim == 1))  # norm affines off 1/0
+                    a.copy_(b)
+            x = torch.rand(2, conv.in_channels, 13, 10)
+            torch.testing.assert_close(stage(x), ref(x))
+    x = torch.rand(2, 3, 24, 40)
+    model(x).mean().backward()
+    assert not without_graph_gradient(model)
+    assert not dead_parameters(model, x)
 
 
 @pytest.mark.parametrize(("in_channels", "first"), [(1, 3), (3, 3), (5, 5)])

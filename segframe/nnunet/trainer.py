@@ -288,7 +288,7 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
             self.print_to_log_file(f"continuing at epoch {self.current_epoch} from the nnU-Net checkpoint")
         m = cfg.model
         lora = cfg.lora
-        way_back = (f"detail path {m.detail.channels}" if model.detail is not None
+        way_back = (f"detail path {m.detail.channels} units {m.detail.units}" if model.detail is not None
                     else f"upsampler {type(model.upsampler).__name__}")
         self.print_to_log_file(
             f"segframe: backbone {m.backbone.name} {m.backbone_size} (layers {model.layers}), decoder "
