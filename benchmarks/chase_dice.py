@@ -96,7 +96,7 @@ def srec_weight(row: str, text: str) -> float:
     return weight
 
 
-def detail_widths(text: str, default: list[int] | None = None) -> list[int] | None:
+def stride_values(text: str, default: list[int] | None = None) -> list[int] | None:
     """The four integers >= 1 of a row's `A-B-C-D` (strides 1, 2, 4, 8), or with `default` also a
     single `N` (N at stride 1, `default`'s values after it); None when `text` is neither."""
     parts = text.split("-")
@@ -126,9 +126,9 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
             layers = [(i + 1) * int(option[5:]) // 4 - 1 for i in range(4)]
         elif option == "detail":
             detail = DetailConfig(enabled=True)
-        elif option.startswith("detail") and (channels := detail_widths(option[6:], DetailConfig().channels)):
+        elif option.startswith("detail") and (channels := stride_values(option[6:], DetailConfig().channels)):
             detail = DetailConfig(enabled=True, channels=channels)
-        elif option.startswith("units") and (units := detail_widths(option[5:])):
+        elif option.startswith("units") and (units := stride_values(option[5:])):
             pass  # applied to the detail path below, whichever order the options come in
         elif option.startswith("srec"):
             skeleton_recall = srec_weight(row, option[4:])

@@ -5,8 +5,9 @@ A ViT sees a thin vessel as a fraction of one token, and an upsampler that reads
 logits cannot bring it back. `DetailPath` encodes the normalised, padded image with a small
 convolutional encoder (`units` conv3x3 - norm - LeakyReLU units per stride, two by default,
 the first of a stage strided; nnU-Net's building blocks), then decodes from stride 8 to stride 1
-U-Net style: each decoder stage reads the upsampled previous stage, the encoder features of its stride and the
-head's logits resized to that stride (so any head output stride works: 16, 3.5, 0.875, ...).
+U-Net style: each decoder stage reads the upsampled previous stage, the encoder features of its
+stride and the head's logits resized to that stride (so any head output stride works: 16, 3.5,
+0.875, ...).
 A 1x1 conv gives class logits that are added to the bilinear upsampling of the head's logits
 (a residual path); the last conv starts small, so the model starts close to "head + bilinear"
 and the path learns the detail on top.
