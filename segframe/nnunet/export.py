@@ -83,6 +83,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int]
     with Dim.AUTO / Dim.DYNAMIC, whose guards the ONNX graph drops (measured: logits off by 0.06 at
     257x300). torch.export with named dimensions instead refuses, naming the guard, whenever the
     forward specialises on the size, so a graph it produces is correct for every size in its range.
+    torch.onnx's graph optimizer (onnxscript) stays on although it is most of an export's time: the
+    demo model's graph exported without it did not load in onnxruntime ("Duplicate definition of
+    name (mean)"; torch 2.14.1).
     """
     import importlib.util
 
