@@ -1,8 +1,9 @@
 """The detail path (`model.detail`): every backbone x decoder x neck, the path is live (output depends
 on it, every parameter gets a gradient, removing it changes the result, a zero path is exactly the
-bilinear upsampling of the head's logits), fractional head strides, 1/3/N channels, LoRA and a frozen
-backbone, gradient checkpointing, DDP, config errors, the plans round trip, and a short training on
-1-px lines that the detail path recovers and the upsampler alone does not."""
+bilinear upsampling of the head's logits), the conv units per stage against nnU-Net's StackedConvBlocks,
+fractional head strides, 1/3/N channels, LoRA and a frozen backbone, gradient checkpointing, DDP,
+config errors, the plans round trip, and a short training on 1-px lines that the detail path recovers
+and the upsampler alone does not."""
 
 from __future__ import annotations
 
