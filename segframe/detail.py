@@ -51,14 +51,13 @@ class DetailPath(nn.Module):
     forward(image (B, C, H, W), logits (B, K, h, w) at any stride) -> logits (B, K, H, W).
 
     `channels[i]` is the width at stride `STRIDES[i]` of both encoder and decoder, `units[i]` the
-    number of conv units of both stages there (nnU-Net's 2 by default); `norm` is
+    number of conv units of both stages there (`model.detail` gives both); `norm` is
     instance (nnU-Net's choice), group or batch. With `checkpointing`, each block is recomputed
     in backward (the full-resolution activations dominate its memory).
     """
 
     def __init__(self, in_channels: int, num_classes: int, channels: list[int] | tuple[int, ...],
-                 norm: str = "instance", checkpointing: bool = False,
-                 units: list[int] | tuple[int, ...] = (2, 2, 2, 2)):
+                 units: list[int] | tuple[int, ...], norm: str = "instance", checkpointing: bool = False):
         super().__init__()
         c, n = list(channels), list(units)
         k = num_classes

@@ -112,8 +112,8 @@ class ViTSegModel(nn.Module):
         self.detail: DetailPath | None = None
         if m.detail.enabled:
             self._check_detail(where)
-            self.detail = DetailPath(backbone_chans, num_classes, m.detail.channels, m.detail.norm,
-                                     checkpointing=m.grad_checkpointing, units=m.detail.units)
+            self.detail = DetailPath(backbone_chans, num_classes, m.detail.channels, m.detail.units,
+                                     m.detail.norm, checkpointing=m.grad_checkpointing)
         else:
             self.upsampler = build_upsampler(upsampler, num_classes, stride)
         # the decoder's auxiliary logits of the last training forward, at the input size (or None);
