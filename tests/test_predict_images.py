@@ -308,6 +308,45 @@ def test_python_api_matches_segframe_predict(trained, predicted):
         predictor.predict(images / "see_through.png")
 
 
+def test_bf16_prediction_runs_the_network_in_bfloat16_and_keeps_the_labels(trained, predicted, monkeypatch):
+    """precision="bf16" (`segframe predict --precision bf16`): the network's matrix products run in
+    bfloat16 (a hook on a Linear sees its output dtype), nnU-Net receives float32 logits, and the
+    probabilities stay within bfloat16's rounding of fp32's (8 bits of mantissa: ~0.4% of a logit),
+    with fp32's labels wherever fp32 is not near a tie. A CPU without native bfloat16 is told."""
+    import segframe
+    import segframe.nnunet.predict as predict
+    from segframe.errors import SegframeError
+
+    _, folder, images, _ = trained
+    _, out = predicted
+    monkeypatch.setattr(predict, "native_bf16", lambda: False)
+    notes = []
+    predictor = segframe.Predictor.from_results(folder, folds=[0], device="cpu", precision="bf16",
+                                                notify=notes.append)
+    assert any("no native bfloat16" in note for note in notes)
+    network = predictor.nnunet.network
+    linear = next(m for m in network.modules() if isinstance(m, torch.nn.Linear))
+    seen = []
+    hooks = [linear.register_forward_hook(lambda m, i, o: seen.append(("linear", o.dtype))),
+             network.register_forward_hook(lambda m, i, o: seen.append(("network", o.dtype)))]
+    labels, probabilities = predictor.predict(images / "plain.png", probabilities=True)
+    for hook in hooks:
+        hook.remove()
+    assert ("linear", torch.bfloat16) in seen and ("linear", torch.float32) not in seen
+    # the module's own output is bf16 under autocast; the instance forward hands nnU-Net float32
+    logits = network(torch.zeros(1, 3, 48, 48))
+    assert logits.dtype == torch.float32
+    reference = probs(out, "plain")
+    off = np.abs(probabilities - reference)
+    assert 0 < off.max() < 0.05, off.max()  # bfloat16 rounding shows, and stays small
+    clear = np.abs(reference[1] - reference[0]) > 0.1
+    assert clear.mean() > 0.9 and np.array_equal(labels[clear], reference.argmax(0)[clear])
+    with pytest.raises(SegframeError, match="precision 'fp16': use one of fp32, bf16"):
+        segframe.Predictor.from_results(folder, folds=[0], device="cpu", precision="fp16")
+    with pytest.raises(SegframeError, match="--precision bf16 is for prediction on the CPU; on cuda"):
+        segframe.Predictor.from_results(folder, folds=[0], device=torch.device("cuda"), precision="bf16")
+
+
 # ------------------------------------------------------------------ corrupted files elsewhere
 
 def corrupt(path: Path) -> None:

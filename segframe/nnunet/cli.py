@@ -353,6 +353,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="default cuda")
     predict.add_argument("--step_size", type=float, default=0.5, help="sliding-window step (of the patch)")
     predict.add_argument("--disable_tta", action="store_true", help="no mirroring (4x faster in 2D)")
+    predict.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                         help="the network's arithmetic on -device cpu: bf16 autocast is faster on CPUs with "
+                              "AVX512_BF16 or AMX, slower without (default fp32)")
     predict.add_argument("--save_probabilities", action="store_true", help="also write .npz probabilities")
     predict.add_argument("--overwrite", action="store_true",
                          help="replace files in -o that this run writes (other files are never touched)")

@@ -31,6 +31,7 @@ from segframe.errors import SegframeError
 from segframe.images import IMAGE_SUFFIXES, ImageError, InputSpec, read_image, reason
 
 SPACING_2D = {"spacing": (999, 1, 1)}  # what nnU-Net's NaturalImage2DIO gives every 2D image
+PRECISIONS = ("fp32", "bf16")  # the network's arithmetic at prediction (`--precision`)
 
 
 def _folds(model_folder: Path, folds: list[str] | None, checkpoint: str) -> list[int | str]:
@@ -171,16 +172,23 @@ class Predictor:
     def from_results(cls, folder: str | os.PathLike, folds: list[int | str] | None = None,
                      checkpoint: str = "checkpoint_final.pth", device: Any = "auto",
                      trust_checkpoint: bool = False, step_size: float = 0.5, mirroring: bool = True,
-                     progress: bool = False, notify: Callable[[str], None] | None = None) -> Predictor:
+                     progress: bool = False, notify: Callable[[str], None] | None = None,
+                     precision: str = "fp32") -> Predictor:
         """Load `folder` (TRAINER__PLANS__CONFIGURATION): `folds` default to every fold with
         `checkpoint`; `device` is "auto", "cpu", "cuda", "mps" or a torch.device; `trust_checkpoint`
-        allows checkpoints that need full unpickling (only for files you trust)."""
+        allows checkpoints that need full unpickling (only for files you trust); `precision` "bf16"
+        runs the network under bfloat16 autocast on the CPU (see `bf16_network`)."""
         from segframe.nnunet.cli import use_ext_trainer
 
         model_folder = Path(folder).resolve()
         check_results_folder(model_folder)
         chosen = _folds(model_folder, None if folds is None else [str(f) for f in folds], checkpoint)
         torch_device = _torch_device(device)
+        if precision not in PRECISIONS:
+            raise SegframeError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        if precision == "bf16" and torch_device.type != "cpu":
+            raise SegframeError(f"--precision bf16 is for prediction on the CPU; on {torch_device.type} "
+                                "nnU-Net's own autocast applies (fp16 on CUDA): leave --precision at fp32")
         use_ext_trainer()
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -192,7 +200,13 @@ class Predictor:
                 allow_tqdm=progress,
             )
         initialize(predictor, model_folder, chosen, checkpoint, trust_checkpoint)
-        return cls(predictor, model_folder, chosen, checkpoint, InputSpec.from_results(model_folder), notify)
+        made = cls(predictor, model_folder, chosen, checkpoint, InputSpec.from_results(model_folder), notify)
+        if precision == "bf16":
+            bf16_network(predictor.network)
+            if not native_bf16():
+                made._say(["this CPU has no native bfloat16 arithmetic (AVX512_BF16 or AMX): "
+                           "--precision bf16 is emulated and slower than fp32 here"])
+        return made
 
     def _say(self, notes: list[str]) -> None:
         with self._lock:  # one reader thread at a time, so two notes never interleave in a line
@@ -266,6 +280,30 @@ class Predictor:
             save_pickle(props, str(files[2]))
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512_BF16 or AMX), as oneDNN reports it."""
+    import torch
+
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(torch.backends.mkldnn.is_available() and check is not None and check())
+
+
+def bf16_network(network: Any) -> None:
+    """Run `network`'s forward under CPU bfloat16 autocast and hand back float32 logits, so nnU-Net's
+    sliding window, Gaussian weighting, mirroring and resampling stay as they are. Convolutions and
+    matrix products run in bfloat16 (torch's CPU autocast list); the weights stay float32, and the
+    forward is replaced on the instance, so loading another fold's weights keeps it."""
+    import torch
+
+    forward = network.forward
+
+    def forward_bf16(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return forward(x).float()
+
+    network.forward = forward_bf16
+
+
 def output_files(job: Job, out: Path, probabilities: bool) -> list[Path]:
     """What predicting `job` writes into `out`: the mask (PNG for ordinary images), and probabilities."""
     base = out / job.name
@@ -298,7 +336,7 @@ def predict_command(args: argparse.Namespace) -> int:
     predictor = Predictor.from_results(
         model_folder, folds=folds, checkpoint=args.chk, device=device, trust_checkpoint=args.trust_checkpoint,
         step_size=args.step_size, mirroring=not args.disable_tta, progress=True,
-        notify=lambda text: print(f"segframe: {text}", flush=True),
+        notify=lambda text: print(f"segframe: {text}", flush=True), precision=args.precision,
     )
     if skipped:
         print(f"segframe: skipped {len(skipped)} file(s) that are not images: {', '.join(skipped[:10])}"
