@@ -7,7 +7,8 @@ Run: .venv/bin/python benchmarks/chase_dice.py [--data ../shared/data/CHASEDB1] 
      [--check] [--reuse] [--write [--section NAME]]
 
 A row is `unet` (nnU-Net's U-Net) or
-`DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+unitsA-B-C-D][+srec[W]][+pN][+stepS]` for any installed decoder:
+`DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+unitsA-B-C-D][+srec[W]][+pN][+stepS][+bf16]` for any
+installed decoder:
 DINOv3-S with that head (UperNet on the pyramid neck as in configs/demo.yaml, every other head on the identity
 neck, width 128 where the head has a `hidden_size`; `+hN` sets that width to N instead), `+detail` adds the
 detail path with its default options (model.detail; `+detailN` with width N at stride 1, e.g. `+detail16`:
@@ -18,9 +19,10 @@ e.g. `+depth6`: 0, 2, 3, 5; the later blocks are never run),
 `+srec` the Skeleton Recall loss term with weight 1 (train.loss; `+srecW` with weight W, e.g. `+srec0.4`),
 `+pN` trains on NxN patches instead of 192x192 at the same iterations and batch (more pixels per step: the
 patch size as a lever, said in the label), `+stepS` predicts with nnU-Net's tile_step_size S instead of
-0.5 (`segframe predict --step_size`; fewer tiles); a row that differs from an earlier row of the run only
-in `+stepS` predicts with that row's trained model instead of training again (its train time is that
-run's). Default rows: the U-Net,
+0.5 (`segframe predict --step_size`; fewer tiles), `+bf16` predicts with the network under bfloat16
+autocast (`segframe predict --precision bf16`); a row that differs from an earlier row of the run only
+in `+stepS` or `+bf16` predicts with that row's trained model instead of training again (its train time
+is that run's). Default rows: the U-Net,
 UperNet and SegFormer with the detail path, then UperNet, UNETR, Primus, linear, Mask2Former and DPT
 without it (about 2.5 hours per seed on 2 CPU cores). `--check` builds every row's model and exits.
 
@@ -70,19 +72,22 @@ NAMES = {"upernet": "UperNet", "segformer": "SegFormer", "dpt": "DPT", "unetr": 
          "linear": "linear", "mask2former": "Mask2Former"}
 
 
-def split_step(row: str) -> tuple[str, float]:
-    """A row without its `+stepS` option, and S (nnU-Net's tile_step_size; 0.5 without the option)."""
+def split_predict(row: str) -> tuple[str, float, str]:
+    """A row without its prediction options, nnU-Net's tile_step_size S (`+stepS`; 0.5 without it) and
+    the network's precision at prediction (`+bf16`: `segframe predict --precision bf16`; fp32 without)."""
     decoder, *options = row.split("+")
     steps = [o for o in options if o.startswith("step")]
+    precision = "bf16" if "bf16" in options else "fp32"
+    trained = "+".join([decoder, *(o for o in options if o not in steps and o != "bf16")])
     if not steps:
-        return row, 0.5
+        return trained, 0.5, precision
     try:
         step = float(steps[-1][4:])
     except ValueError:
         step = 0.0
     if len(steps) > 1 or not 0 < step <= 1:
         raise ConfigError(f"row {row!r}: use one +stepS with 0 < S <= 1 (nnU-Net's tile_step_size)")
-    return "+".join([decoder, *(o for o in options if o not in steps)]), step
+    return trained, step, precision
 
 
 def srec_weight(row: str, text: str) -> float:
@@ -105,13 +110,13 @@ def stride_values(text: str, default: list[int] | None = None) -> list[int] | No
     return [int(p) for p in parts] + (default or [])[len(parts):]
 
 
-def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, float]:
-    """The label, config and prediction tile step of a ViT row
-    `DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+unitsA-B-C-D][+srec[W]][+pN][+stepS]`
+def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, float, str]:
+    """The label, config, prediction tile step and precision of a ViT row
+    `DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+unitsA-B-C-D][+srec[W]][+pN][+stepS][+bf16]`
     (the demo's model and train values)."""
     from segframe.plugins import get_registry
 
-    trained, step = split_step(row)
+    trained, step, precision = split_predict(row)
     decoder, *options = trained.split("+")
     registry = get_registry()
     if decoder not in registry.decoders():
@@ -137,7 +142,7 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
         else:
             raise ConfigError(f"row {row!r}: unknown option {option!r}; use +hN (a head width), "
                               "+depthD (D >= 4 blocks), +detail[N|A-B-C-D], +unitsA-B-C-D, +srec[W], "
-                              "+pN (a patch size) or +stepS (a tile step)")
+                              "+pN (a patch size), +stepS (a tile step) or +bf16 (bf16 prediction)")
     if units:
         if not detail.enabled:
             raise ConfigError(f"row {row!r}: +unitsA-B-C-D sets the detail path's conv units; add +detail")
@@ -172,7 +177,9 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
         label += f", patch {patch[0]}x{patch[1]}"
     if step != 0.5:
         label += f", tile step {step:g}"
-    return label, demo.model_copy(update={"model": model, "train": train}), step
+    if precision != "fp32":
+        label += f", {precision} prediction"
+    return label, demo.model_copy(update={"model": model, "train": train}), step, precision
 
 
 def unet_plans(base: dict, patch: list[int], batch: int, name: str) -> dict:
@@ -289,7 +296,8 @@ def table(records: list[dict], args: argparse.Namespace, source: str, info: dict
 def run_row(key: str, seed: int, label_config: tuple | None, args: argparse.Namespace, env: dict,
             dataset: Path, work: Path, trained: dict | None = None) -> dict:
     """Train, predict and evaluate one row with one seed; the run's record. `trained`: the record of
-    this seed's run of the same row without `+stepS`, whose model is predicted with instead of training."""
+    this seed's run of the same row without `+stepS` and `+bf16`, whose model is predicted with instead of
+    training."""
     dataset_id = dataset.name[7:10]
     pre = Path(env["nnUNet_preprocessed"]) / dataset.name
     images, refs, fov = dataset / "imagesTs", dataset / "labelsTs", dataset / "fovTs"
@@ -317,11 +325,11 @@ def run_row(key: str, seed: int, label_config: tuple | None, args: argparse.Name
         label = "nnU-Net default 2D U-Net (PlainConvUNet, nnUNetTrainer)"
         folder = results / f"nnUNetTrainerBench__{name}__2d"
     else:
-        label, cfg, step = label_config
+        label, cfg, step, precision = label_config
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
-        # one plans name (and results folder) per trained row (+stepS only predicts): the seed is a
+        # one plans name (and results folder) per trained row (+stepS, +bf16 only predict): the seed is a
         # train value, so each run retrains it with --overwrite; what it measured is kept in its record
-        train_slug = config_tag(split_step(key)[0])
+        train_slug = config_tag(split_predict(key)[0])
         cli = [sys.executable, "-m", "segframe.cli"]
         if trained is None:
             path = work / f"bench_{train_slug}.yaml"
@@ -333,7 +341,8 @@ def run_row(key: str, seed: int, label_config: tuple | None, args: argparse.Name
         name = plans_name("nnUNetPlans", f"bench_{train_slug}")
         folder = results_folder(results.parent, dataset.name, name, "2d")
         predict_s = timed([*cli, "predict", "-i", str(images), "-o", str(out), "-m", str(folder),
-                           "-f", "0", "-device", "cpu", "--disable_tta", "--step_size", str(step)], env)
+                           "-f", "0", "-device", "cpu", "--disable_tta", "--step_size", str(step),
+                           "--precision", precision], env)
     import torch
 
     checkpoint = folder / "fold_0" / "checkpoint_final.pth"
@@ -360,7 +369,7 @@ def main() -> None:
                         help="train every row N times, with train.seed 0..N-1; the table gives mean ± sd")
     parser.add_argument("--rows", "--only", nargs="+", default=DEFAULT_ROWS, metavar="ROW",
                         help="unet, or DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+unitsA-B-C-D][+srec[W]]"
-                             "[+pN][+stepS] for any installed decoder (see the docstring)")
+                             "[+pN][+stepS][+bf16] for any installed decoder (see the docstring)")
     parser.add_argument("--check", action="store_true", help="build every row's model, then exit")
     parser.add_argument("--reuse", action="store_true",
                         help="take the runs an interrupted run finished (work/rows/ROW_sSEED.json, one per "
@@ -393,8 +402,8 @@ def main() -> None:
     except SegframeError as exc:
         parser.error(str(exc))
     if args.check:
-        for row, (label, cfg, step) in configs.items():
-            print(f"{row}: {label}; train patch {cfg.train.patch_size}, tile step {step:g}")
+        for row, (label, cfg, step, precision) in configs.items():
+            print(f"{row}: {label}; train patch {cfg.train.patch_size}, tile step {step:g}, {precision}")
         print(f"each row trained with train.seed {', '.join(map(str, range(args.seeds)))}")
         return
 
@@ -418,7 +427,7 @@ def main() -> None:
                 records.append(json.loads(record.read_text()))
                 print(f"{key} seed {seed}: reused from {record}", flush=True)
                 continue
-            base = split_step(key)[0]  # "unet" and rows without +stepS are their own base
+            base = split_predict(key)[0]  # "unet" and rows without +stepS, +bf16 are their own base
             trained = trained_here.get((base, seed)) if base != key else None
             records.append(run_row(key, seed, configs.get(key), args, env, dataset, work, trained))
             trained_here[(key, seed)] = records[-1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from chase_dice import dataset_info, mean_sd, row_config, section_name, split_step, table, unet_plans  # noqa: E402
+from chase_dice import dataset_info, mean_sd, row_config, section_name, split_predict, table, unet_plans  # noqa: E402
 from common import ROOT, write_section  # noqa: E402
 
 from segframe.backbones import default_layers  # noqa: E402
@@ -99,11 +99,11 @@ def test_dataset_info_reads_the_converted_data(tmp_path):
 
 def test_srec_row_turns_on_skeleton_recall():
     demo = load_config(ROOT / "configs" / "demo.yaml")
-    label, cfg, step = row_config("upernet+detail+srec", demo)
+    label, cfg, step, precision = row_config("upernet+detail+srec", demo)
     assert label.endswith("+ detail + Skeleton Recall") and cfg.train.loss.skeleton_recall == 1.0
-    assert step == 0.5
+    assert step == 0.5 and precision == "fp32"
     assert row_config("upernet+detail", demo)[1].train.loss.skeleton_recall == 0.0
-    label, cfg, _ = row_config("upernet+detail+srec0.4", demo)
+    label, cfg, *_ = row_config("upernet+detail+srec0.4", demo)
     assert label.endswith("+ detail + Skeleton Recall 0.4") and cfg.train.loss.skeleton_recall == 0.4
     for bad in ("upernet+srec0", "upernet+srec-1", "upernet+srecx"):
         with pytest.raises(ConfigError, match=r"\+srecW with a weight W > 0"):
@@ -112,15 +112,15 @@ def test_srec_row_turns_on_skeleton_recall():
 
 def test_detail_width_rows_set_the_stride_1_width_or_all_four():
     demo = load_config(ROOT / "configs" / "demo.yaml")
-    label, cfg, _ = row_config("upernet+detail16+srec0.4", demo)
+    label, cfg, *_ = row_config("upernet+detail16+srec0.4", demo)
     assert label.endswith("+ detail 16-32-64-64 + Skeleton Recall 0.4")
     assert cfg.model.detail.enabled and cfg.model.detail.channels == [16, 32, 64, 64]
-    label, cfg, _ = row_config("upernet+detail32-16-32-32", demo)
+    label, cfg, *_ = row_config("upernet+detail32-16-32-32", demo)
     assert label.endswith("+ detail 32-16-32-32") and cfg.model.detail.channels == [32, 16, 32, 32]
-    label, cfg, _ = row_config("upernet+detail", demo)
+    label, cfg, *_ = row_config("upernet+detail", demo)
     assert label.endswith("+ detail") and cfg.model.detail.channels == [32, 32, 64, 64]
     assert not row_config("upernet", demo)[1].model.detail.enabled
-    label, cfg, _ = row_config("upernet+units1-2-2-2+detail16", demo)  # either order
+    label, cfg, *_ = row_config("upernet+units1-2-2-2+detail16", demo)  # either order
     assert label.endswith("+ detail 16-32-64-64 (units 1-2-2-2)") and cfg.model.detail.units == [1, 2, 2, 2]
     assert row_config("upernet+detail", demo)[1].model.detail.units == [2, 2, 2, 2]
     with pytest.raises(ConfigError, match=r"\+unitsA-B-C-D sets the detail path's conv units; add \+detail"):
@@ -132,13 +132,17 @@ def test_detail_width_rows_set_the_stride_1_width_or_all_four():
             row_config(bad, demo)
 
 
-def test_step_row_predicts_the_same_training_with_another_tile_step():
+def test_step_and_bf16_rows_predict_the_same_training_another_way():
     demo = load_config(ROOT / "configs" / "demo.yaml")
-    label, cfg, step = row_config("segformer+detail+step0.75+srec", demo)
+    label, cfg, step, precision = row_config("segformer+detail+step0.75+srec", demo)
     assert step == 0.75 and label.endswith("+ detail + Skeleton Recall, tile step 0.75")
     assert cfg == row_config("segformer+detail+srec", demo)[1]  # the training is the row's without +step
-    assert split_step("segformer+detail+step0.75+srec") == ("segformer+detail+srec", 0.75)
-    assert split_step("unet") == ("unet", 0.5)
+    assert split_predict("segformer+detail+step0.75+srec") == ("segformer+detail+srec", 0.75, "fp32")
+    assert split_predict("unet") == ("unet", 0.5, "fp32")
+    label, cfg, step, precision = row_config("segformer+detail+bf16+srec+step0.6", demo)
+    assert (step, precision) == (0.6, "bf16") and label.endswith(", tile step 0.6, bf16 prediction")
+    assert cfg == row_config("segformer+detail+srec", demo)[1]  # +bf16 only predicts, too
+    assert split_predict("segformer+bf16+detail") == ("segformer+detail", 0.5, "bf16")
     for bad in ("segformer+step0", "segformer+step1.5", "segformer+stepx", "segformer+step0.5+step0.7"):
         with pytest.raises(ConfigError, match=r"one \+stepS with 0 < S <= 1"):
             row_config(bad, demo)
@@ -146,7 +150,7 @@ def test_step_row_predicts_the_same_training_with_another_tile_step():
 
 def test_depth_row_runs_the_first_blocks_only():
     demo = load_config(ROOT / "configs" / "demo.yaml")
-    label, cfg, _ = row_config("upernet+depth6+detail+srec0.4", demo)
+    label, cfg, *_ = row_config("upernet+depth6+detail+srec0.4", demo)
     assert label.startswith("DINOv3-S (blocks 1-6) + UperNet") and cfg.model.layers == [0, 2, 3, 5]
     assert row_config("upernet+depth8", demo)[1].model.layers == [1, 3, 5, 7]
     # depth 12 is the family default for ViT-S (backbones.base.default_layers)
@@ -159,13 +163,13 @@ def test_depth_row_runs_the_first_blocks_only():
 
 def test_width_row_sets_the_heads_hidden_size():
     demo = load_config(ROOT / "configs" / "demo.yaml")
-    label, cfg, _ = row_config("upernet+h96+depth4+detail+srec0.4", demo)
+    label, cfg, *_ = row_config("upernet+h96+depth4+detail+srec0.4", demo)
     assert label.startswith("DINOv3-S (blocks 1-4) + UperNet 96 (pyramid neck) + detail")
     assert cfg.model.decoder.hidden_size == 96 and cfg.model.neck == "pyramid"
     assert cfg.model.layers == [0, 1, 2, 3]
     assert cfg.model.decoder.pool_scales == demo.model.decoder.pool_scales
     assert row_config("upernet", demo)[1].model.decoder.hidden_size == 128
-    label, cfg, _ = row_config("segformer+h64", demo)
+    label, cfg, *_ = row_config("segformer+h64", demo)
     assert label == "DINOv3-S + SegFormer 64" and cfg.model.decoder.hidden_size == 64
     with pytest.raises(ConfigError, match=r"\+hN sets a head's hidden_size, which linear does not have"):
         row_config("linear+h64", demo)
@@ -182,7 +186,7 @@ def test_a_row_says_everything_it_trains_whatever_the_demo_config_sets():
         "layers": [0, 1, 2, 3], "decoder": demo.model.decoder.model_copy(update={"hidden_size": 96})})
     loss = demo.train.loss.model_copy(update={"skeleton_recall": 0.4})
     tuned = demo.model_copy(update={"model": model, "train": demo.train.model_copy(update={"loss": loss})})
-    label, cfg, _ = row_config("upernet+detail", tuned)
+    label, cfg, *_ = row_config("upernet+detail", tuned)
     assert label == "DINOv3-S + UperNet 128 (pyramid neck) + detail"
     assert cfg.model.layers is None and cfg.model.decoder.hidden_size == 128
     assert cfg.train.loss.skeleton_recall == 0.0

@@ -367,10 +367,10 @@ def test_benchmark_rows_for_any_decoder():
     from chase_dice import row_config
 
     demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
-    label, cfg, _ = row_config("upernet+detail+p256", demo)
+    label, cfg, *_ = row_config("upernet+detail+p256", demo)
     assert cfg.model.detail.enabled and cfg.model.neck == "pyramid" and cfg.train.patch_size == [256, 256]
     assert label == "DINOv3-S + UperNet 128 (pyramid neck) + detail, patch 256x256"
-    label, cfg, _ = row_config("segformer", demo)
+    label, cfg, *_ = row_config("segformer", demo)
     assert not cfg.model.detail.enabled and cfg.model.neck == "identity"
     assert cfg.train.patch_size == [192, 192]
     plain = demo.train.loss.model_copy(update={"skeleton_recall": 0.0})  # a row without +srec has no term
