@@ -172,6 +172,19 @@ def describe(cfg: Any) -> str:
     return text + "; loss: nnU-Net's Dice + CE" + (f" + Skeleton Recall {recall:g}" if recall else "")
 
 
+def prediction_precision(choice: str, device: str) -> str:
+    """The demo's `segframe predict --precision`: `auto` is bf16 on a CPU that computes bfloat16 natively
+    (AVX512_BF16 or AMX: where BENCHMARKS.md measured it faster, with the same scores) and fp32 elsewhere."""
+    if choice == "bf16" and device != "cpu":
+        raise DemoError(f"--precision bf16 is for --device cpu (on {device} nnU-Net's own autocast applies); "
+                        "use --precision auto or fp32")
+    if choice != "auto":
+        return choice
+    from segframe.nnunet.predict import native_bf16
+
+    return "bf16" if device == "cpu" and native_bf16() else "fp32"
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     from segframe.evaluate import format_markdown
 
@@ -183,7 +196,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"- dataset: {summary['dataset']}",
         f"- model: {summary['model']} ({summary['weights']})",
         f"- config: {summary['config']}",
-        f"- device: {summary['device']}, test-time mirroring: {'on' if summary['tta'] else 'off'}",
+        f"- device: {summary['device']}, test-time mirroring: {'on' if summary['tta'] else 'off'}, "
+        f"prediction arithmetic: {summary['precision']}",
         f"- machine: {summary['machine']}; " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()),
         f"- date: {summary['date']}",
         "",
@@ -202,11 +216,13 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 
 def run_demo(data: str, work: str | Path, config: str | Path = DEFAULT_CONFIG, checkpoint: str | None = None,
-             device: str = "cpu", tta: bool = False, skip_train: bool = False) -> dict[str, Any]:
+             device: str = "cpu", tta: bool = False, skip_train: bool = False,
+             precision: str = "auto") -> dict[str, Any]:
     """Run every stage; returns the summary (also written to <work>/summary.json and summary.md)."""
     from segframe.config import load_config
     from segframe.evaluate import evaluate_folders, format_table, json_safe, save_results
 
+    precision = prediction_precision(precision, device)
     work = Path(work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = nnunet_env(work)
@@ -244,7 +260,8 @@ def run_demo(data: str, work: str | Path, config: str | Path = DEFAULT_CONFIG, c
     predictions = work / "predictions"
     cmd = [sys.executable, "-m", "segframe.cli", "predict", "-i", str(dataset / "imagesTs"),
            "-o", str(predictions), "-m", str(model_folder), "-f", "0", "-chk", "checkpoint_final.pth",
-           "-device", device, "--overwrite"]  # a re-run replaces its own predictions
+           "-device", device, "--precision", precision,
+           "--overwrite"]  # a re-run replaces its own predictions
     _run(cmd + ([] if tta else ["--disable_tta"]), env)
     done("predict")
 
@@ -270,6 +287,7 @@ def run_demo(data: str, work: str | Path, config: str | Path = DEFAULT_CONFIG, c
         "model_folder": str(model_folder),
         "device": device,
         "tta": tta,
+        "precision": precision,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
         "versions": _versions(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -294,12 +312,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="official backbone weights to fine-tune instead of random init")
     p.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
     p.add_argument("--tta", action="store_true", help="mirror test images at prediction (4x slower)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the network's arithmetic at prediction; auto (default): bf16 on a CPU that computes "
+                        "bfloat16 natively (AVX512_BF16 or AMX), fp32 elsewhere")
     p.add_argument("--skip-train", action="store_true",
                    help="reuse the model already trained under --work; predict, evaluate and summarise")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    run_demo(args.data, args.work, args.config, args.checkpoint, args.device, args.tta, args.skip_train)
+    run_demo(args.data, args.work, args.config, args.checkpoint, args.device, args.tta, args.skip_train,
+             args.precision)
     return 0
 
 

@@ -13,6 +13,7 @@ import yaml
 import segframe.data
 from segframe import demo
 from segframe.cli import main
+from segframe.nnunet import predict as nnunet_predict
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data import write_drive  # noqa: E402
@@ -54,6 +55,7 @@ def fake_nnunet(monkeypatch):
 def test_demo_on_generated_data(tmp_path, fake_nnunet, capsys, monkeypatch):
     small = functools.partial(segframe.data.make_synthetic, num_train=4, num_test=3, size=64)
     monkeypatch.setattr(segframe.data, "make_synthetic", small)
+    monkeypatch.setattr(nnunet_predict, "native_bf16", lambda: True)  # a CPU with AVX512_BF16
     summary = demo.run_demo("", tmp_path / "work", checkpoint=None)
     out = capsys.readouterr().out
     assert "generated vessel-like images" in out and "dice" in out
@@ -63,24 +65,29 @@ def test_demo_on_generated_data(tmp_path, fake_nnunet, capsys, monkeypatch):
                          str(tmp_path / "work" / "demo_config.yaml"), "-device", "cpu", "--overwrite"]
     model_folder = predict[predict.index("-m", predict.index("predict")) + 1]
     assert model_folder.endswith("Trainer__Plans__2d") and "--disable_tta" in predict
+    assert predict[predict.index("--precision") + 1] == "bf16"  # auto, on a CPU with native bfloat16
     cases = summary["metrics"]["cases"]
     assert [c["dice"] for c in cases.values()] == [0.0, 1.0, 1.0]
     work = tmp_path / "work"
     assert json.loads((work / "summary.json").read_text())["metrics"]["mean"]["dice"] == pytest.approx(2 / 3)
     text = (work / "summary.md").read_text()
     assert "random initialisation" in text
+    assert "- device: cpu, test-time mirroring: off, prediction arithmetic: bf16" in text
     assert "- model: dinov3 small + upernet 128 + detail path; loss: nnU-Net's Dice + CE (random" in text
     assert (work / "metrics.csv").is_file()
     assert sorted(p.name for p in (work / "overlays").iterdir()) == [f"test_00{i}.png" for i in range(3)]
 
 
-def test_demo_on_drive_with_checkpoint(tmp_path, fake_nnunet):
+def test_demo_on_drive_with_checkpoint(tmp_path, fake_nnunet, monkeypatch):
+    monkeypatch.setattr(nnunet_predict, "native_bf16", lambda: False)  # an AVX2-only CPU
     write_drive(tmp_path / "DRIVE")
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"x")
     summary = demo.run_demo(str(tmp_path / "DRIVE"), tmp_path / "work", checkpoint=str(weights), tta=True)
     assert summary["data"].startswith("DRIVE") and "Dataset501_DRIVE" in summary["dataset"]
     assert "--disable_tta" not in fake_nnunet[-1]
+    predict = fake_nnunet[-1]
+    assert predict[predict.index("--precision") + 1] == "fp32" and summary["precision"] == "fp32"
     used = yaml.safe_load((tmp_path / "work" / "demo_config.yaml").read_text())
     assert used["model"]["checkpoint_path"] == str(weights)
     assert summary["weights"].startswith("fine-tuned from")
@@ -95,6 +102,13 @@ def test_the_summary_names_every_setting_the_demo_trains(tmp_path, fake_nnunet):
     summary = demo.run_demo(str(tmp_path / "DRIVE"), tmp_path / "work", config=config)
     assert summary["model"] == ("dinov3 small (features of blocks 1, 2, 3, 4) + upernet 64 + detail path; "
                                 "loss: nnU-Net's Dice + CE + Skeleton Recall 0.4")
+
+
+def test_bf16_is_refused_off_the_cpu_before_anything_runs(tmp_path, fake_nnunet):
+    with pytest.raises(demo.DemoError, match=r"--precision bf16 is for --device cpu .*use --precision auto"):
+        demo.run_demo("", tmp_path / "work", device="cuda", precision="bf16")
+    assert fake_nnunet == [] and not (tmp_path / "work").exists()
+    assert demo.prediction_precision("auto", "cuda") == "fp32"
 
 
 def test_overlay_colours():
