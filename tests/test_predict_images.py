@@ -312,7 +312,8 @@ def test_bf16_prediction_runs_the_network_in_bfloat16_and_keeps_the_labels(train
     """precision="bf16" (`segframe predict --precision bf16`): the network's matrix products run in
     bfloat16 (a hook on a Linear sees its output dtype), nnU-Net receives float32 logits, and the
     probabilities stay within bfloat16's rounding of fp32's (8 bits of mantissa: ~0.4% of a logit),
-    with fp32's labels wherever fp32 is not near a tie. A CPU without native bfloat16 is told."""
+    with fp32's labels wherever fp32 is further from a tie than that. A CPU without native bfloat16 is
+    told."""
     import segframe
     import segframe.nnunet.predict as predict
     from segframe.errors import SegframeError
@@ -338,9 +339,12 @@ def test_bf16_prediction_runs_the_network_in_bfloat16_and_keeps_the_labels(train
     assert logits.dtype == torch.float32
     reference = probs(out, "plain")
     off = np.abs(probabilities - reference)
-    assert 0 < off.max() < 0.05, off.max()  # bfloat16 rounding shows, and stays small
-    clear = np.abs(reference[1] - reference[0]) > 0.1
-    assert clear.mean() > 0.9 and np.array_equal(labels[clear], reference.argmax(0)[clear])
+    assert 0 < off.max() < 0.02, off.max()  # bfloat16 rounding shows, and stays small (seen: 0.0015)
+    # a label can change only where fp32's two probabilities are closer than bf16 moved them; this tiny
+    # model (2 iterations) leaves many pixels near a tie, yet most are further from one than that
+    clear = np.abs(reference[1] - reference[0]) > 2 * off.max() + 2 * FLOAT_NOISE
+    assert clear.mean() > 0.8 and np.array_equal(labels[clear], reference.argmax(0)[clear])
+    assert (labels == reference.argmax(0)).mean() > 0.99
     with pytest.raises(SegframeError, match="precision 'fp16': use one of fp32, bf16"):
         segframe.Predictor.from_results(folder, folds=[0], device="cpu", precision="fp16")
     with pytest.raises(SegframeError, match="--precision bf16 is for prediction on the CPU; on cuda"):
