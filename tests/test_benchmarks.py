@@ -148,6 +148,23 @@ def test_step_and_bf16_rows_predict_the_same_training_another_way():
             row_config(bad, demo)
 
 
+def test_trainbf16_row_trains_under_bf16_and_is_its_own_training():
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    label, cfg, step, precision = row_config("upernet+depth6+trainbf16+detail+bf16", demo)
+    assert cfg.train.precision == "bf16" and (step, precision) == (0.5, "bf16")
+    assert label.endswith("+ detail, bf16 training, bf16 prediction")
+    # +bf16 only predicts, +trainbf16 trains another model
+    assert split_predict("upernet+trainbf16+bf16") == ("upernet+trainbf16", 0.5, "bf16")
+    fp32 = row_config("upernet+depth6+detail", demo)[1]
+    assert fp32.train.precision == "fp32" and cfg != fp32
+    assert cfg.model_copy(update={"train": fp32.train}) == fp32  # only the precision differs
+    # a row says its training precision whatever the demo config sets
+    tuned = demo.model_copy(update={"train": demo.train.model_copy(update={"precision": "bf16"})})
+    assert row_config("upernet", tuned)[1].train.precision == "fp32"
+    with pytest.raises(ConfigError, match=r"unknown option 'trainbf17'.*\+trainbf16 \(bf16 training\)"):
+        row_config("upernet+trainbf17", demo)
+
+
 def test_depth_row_runs_the_first_blocks_only():
     demo = load_config(ROOT / "configs" / "demo.yaml")
     label, cfg, *_ = row_config("upernet+depth6+detail+srec0.4", demo)

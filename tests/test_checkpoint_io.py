@@ -114,6 +114,14 @@ def test_precision_resolution(monkeypatch):
         resolve_precision("fp16", torch.device("mps"))
     with pytest.raises(ConfigError, match="train.precision"):
         validate_config({**tiny_config(), "train": {"precision": "fp8"}})
+    # the training log's warning where the CPU only emulates bfloat16 (no AVX512_BF16 or AMX)
+    from segframe.nnunet import predict
+
+    monkeypatch.setattr(predict, "native_bf16", lambda: False)
+    note = predict.emulated_bf16_note("train.precision: bf16")
+    assert "train.precision: bf16 is emulated and slower than fp32" in note
+    monkeypatch.setattr(predict, "native_bf16", lambda: True)
+    assert predict.emulated_bf16_note("train.precision: bf16") is None
 
 
 def test_best_ema_comparison():

@@ -203,9 +203,8 @@ class Predictor:
         made = cls(predictor, model_folder, chosen, checkpoint, InputSpec.from_results(model_folder), notify)
         if precision == "bf16":
             bf16_network(predictor.network)
-            if not native_bf16():
-                made._say(["this CPU has no native bfloat16 arithmetic (AVX512_BF16 or AMX): "
-                           "--precision bf16 is emulated and slower than fp32 here"])
+            if note := emulated_bf16_note("--precision bf16"):
+                made._say([note])
         return made
 
     def _say(self, notes: list[str]) -> None:
@@ -286,6 +285,14 @@ def native_bf16() -> bool:
 
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(torch.backends.mkldnn.is_available() and check is not None and check())
+
+
+def emulated_bf16_note(setting: str) -> str | None:
+    """The note for bfloat16 `setting` on a CPU that only emulates it; None where it is native."""
+    if native_bf16():
+        return None
+    return (f"this CPU has no native bfloat16 arithmetic (AVX512_BF16 or AMX): {setting} is emulated and "
+            "slower than fp32 here")
 
 
 def bf16_network(network: Any) -> None:

@@ -303,6 +303,11 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
         self.print_to_log_file(
             f"precision {self.precision} (train.precision: {cfg.train.precision})"
             + (", with a gradient scaler" if self.grad_scaler is not None else ""))
+        if self.precision == "bf16" and self.device.type == "cpu":
+            from segframe.nnunet.predict import emulated_bf16_note
+
+            if note := emulated_bf16_note("train.precision: bf16"):
+                self.print_to_log_file(f"WARNING: {note}")
         self.print_to_log_file("parameters:\n" + format_counts(model.parameter_counts(), detailed=True))
         warning = intensity_warning(list(self.configuration_manager.normalization_schemes), m.normalize)
         if warning:
