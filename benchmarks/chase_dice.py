@@ -7,8 +7,8 @@ Run: .venv/bin/python benchmarks/chase_dice.py [--data ../shared/data/CHASEDB1] 
      [--check] [--reuse] [--write [--section NAME]]
 
 A row is `unet` (nnU-Net's U-Net) or
-`DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+unitsA-B-C-D][+srec[W]][+pN][+trainbf16][+stepS][+bf16]`
-for any installed decoder:
+`DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+unitsA-B-C-D][+srec[W]][+pN][+trainbf16][+valbf16][+stepS]
+[+bf16]` for any installed decoder:
 DINOv3-S with that head (UperNet on the pyramid neck as in configs/demo.yaml, every other head on the identity
 neck, width 128 where the head has a `hidden_size`; `+hN` sets that width to N instead), `+detail` adds the
 detail path with its default options (model.detail; `+detailN` with width N at stride 1, e.g. `+detail16`:
@@ -19,7 +19,9 @@ e.g. `+depth6`: 0, 2, 3, 5; the later blocks are never run),
 `+srec` the Skeleton Recall loss term with weight 1 (train.loss; `+srecW` with weight W, e.g. `+srec0.4`),
 `+pN` trains on NxN patches instead of 192x192 at the same iterations and batch (more pixels per step: the
 patch size as a lever, said in the label), `+trainbf16` trains under bfloat16 autocast (train.precision: bf16;
-fp32 without it), `+stepS` predicts with nnU-Net's tile_step_size S instead of
+fp32 without it), `+valbf16` runs nnU-Net's final validation (part of the train time) with the
+network's forward in bfloat16 (train.validation_precision: bf16; the trained model is the same), `+stepS`
+predicts with nnU-Net's tile_step_size S instead of
 0.5 (`segframe predict --step_size`; fewer tiles), `+bf16` predicts with the network under bfloat16
 autocast (`segframe predict --precision bf16`); a row that differs from an earlier row of the run only
 in `+stepS` or `+bf16` predicts with that row's trained model instead of training again (its train time
@@ -113,7 +115,7 @@ def stride_values(text: str, default: list[int] | None = None) -> list[int] | No
 
 def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, float, str]:
     """The label, config, prediction tile step and precision of a ViT row
-    `DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+unitsA-B-C-D][+srec[W]][+pN][+trainbf16][+stepS][+bf16]`
+    `DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+unitsA-B-C-D][+srec[W]][+pN][+trainbf16][+valbf16][+stepS][+bf16]`
     (the demo's model and train values)."""
     from segframe.plugins import get_registry
 
@@ -124,7 +126,7 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
         raise ConfigError(f"row {row!r}: unknown decoder {decoder!r}; installed: "
                           f"{', '.join(registry.decoders())} (or the row `unet`)")
     detail, skeleton_recall, patch = DetailConfig(), 0.0, PATCH  # the path off unless an option turns it on
-    layers, hidden, units, train_precision = None, None, None, "fp32"
+    layers, hidden, units, train_precision, validation = None, None, None, "fp32", "fp32"
     for option in options:
         if option[:1] == "h" and option[1:].isdigit() and int(option[1:]) >= 1:
             hidden = int(option[1:])
@@ -142,10 +144,13 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
             patch = [int(option[1:])] * 2
         elif option == "trainbf16":
             train_precision = "bf16"
+        elif option == "valbf16":
+            validation = "bf16"
         else:
             raise ConfigError(f"row {row!r}: unknown option {option!r}; use +hN (a head width), "
                               "+depthD (D >= 4 blocks), +detail[N|A-B-C-D], +unitsA-B-C-D, +srec[W], "
-                              "+pN (a patch size), +trainbf16 (bf16 training), +stepS (a tile step) or +bf16 "
+                              "+pN (a patch size), +trainbf16 (bf16 training), "
+                              "+valbf16 (bf16 final validation), +stepS (a tile step) or +bf16 "
                               "(bf16 prediction)")
     if units:
         if not detail.enabled:
@@ -177,11 +182,13 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
         label += " + Skeleton Recall" + (f" {skeleton_recall:g}" if skeleton_recall != 1 else "")
     loss = demo.train.loss.model_copy(update={"skeleton_recall": skeleton_recall})
     train = demo.train.model_copy(update={"patch_size": patch, "batch_size": 2, "loss": loss,
-                                          "precision": train_precision})
+                                          "precision": train_precision, "validation_precision": validation})
     if patch != PATCH:
         label += f", patch {patch[0]}x{patch[1]}"
     if train_precision != "fp32":
         label += f", {train_precision} training"
+    if validation != "fp32":
+        label += f", {validation} final validation"
     if step != 0.5:
         label += f", tile step {step:g}"
     if precision != "fp32":
@@ -376,7 +383,8 @@ def main() -> None:
                         help="train every row N times, with train.seed 0..N-1; the table gives mean ± sd")
     parser.add_argument("--rows", "--only", nargs="+", default=DEFAULT_ROWS, metavar="ROW",
                         help="unet, or DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+unitsA-B-C-D][+srec[W]]"
-                             "[+pN][+trainbf16][+stepS][+bf16] for any installed decoder (see the docstring)")
+                             "[+pN][+trainbf16][+valbf16][+stepS][+bf16] for any installed decoder "
+                             "(see the docstring)")
     parser.add_argument("--check", action="store_true", help="build every row's model, then exit")
     parser.add_argument("--reuse", action="store_true",
                         help="take the runs an interrupted run finished (work/rows/ROW_sSEED.json, one per "

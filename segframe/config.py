@@ -143,6 +143,11 @@ class TrainConfig(_Strict):
         "auto", description="training arithmetic: auto = bf16 on CUDA that supports it, else fp16 with a "
                             "grad scaler on CUDA, fp32 on CPU/MPS"
     )
+    validation_precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="the network's arithmetic in nnU-Net's final validation (after training and with "
+                            "--val): bf16 runs its forward under CPU bfloat16 autocast, as `segframe predict "
+                            "--precision bf16`; CPU only; the training and its checkpoints are unchanged"
+    )
     max_nonfinite_steps: int = Field(
         20, ge=1, description="stop the training after this many consecutive NaN/inf steps (each is skipped)"
     )

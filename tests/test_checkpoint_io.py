@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from segframe.config import validate_config
+from segframe.config import TrainConfig, validate_config
 from segframe.errors import CheckpointError, ConfigError
 from segframe.model import ViTSegModel
 from segframe.nnunet.checkpoints import (
@@ -25,7 +26,13 @@ from segframe.nnunet.checkpoints import (
     load_checkpoint_file,
     readable_checkpoint,
 )
-from segframe.nnunet.trainer import NonFiniteTraining, better, nnUNetTrainerSegframe, resolve_precision
+from segframe.nnunet.trainer import (
+    NonFiniteTraining,
+    better,
+    check_validation_precision,
+    nnUNetTrainerSegframe,
+    resolve_precision,
+)
 
 
 def fake_checkpoint(**extra) -> dict:
@@ -174,6 +181,39 @@ def test_cpu_bf16_step_matches_torch_autocast_recipe():
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
     untouched = stepper("bf16")[0].network.parameters()
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), untouched, strict=True))
+
+
+def test_bf16_final_validation_runs_the_forward_in_bf16_then_restores_it(monkeypatch):
+    trainer, _ = stepper("fp32")
+    train = trainer.segframe_config.train.model_copy(update={"validation_precision": "bf16"})
+    trainer.segframe_config = trainer.segframe_config.model_copy(update={"train": train})
+    model = trainer.network.eval()
+    x = batch()["data"]
+    with torch.no_grad():
+        reference = model(x)
+    dtypes, seen = [], []
+    next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).register_forward_hook(
+        lambda m, i, o: dtypes.append(o.dtype))
+
+    def nnunet_validation(self, save_probabilities=False):  # what nnU-Net's validation does with the network
+        with torch.no_grad():
+            seen.append(self.network(x))
+
+    monkeypatch.setattr(nnUNetTrainer, "perform_actual_validation", nnunet_validation)
+    trainer.perform_actual_validation()
+    assert dtypes == [torch.bfloat16] and seen[0].dtype == torch.float32  # float32 to nnU-Net
+    torch.testing.assert_close(seen[0], reference, rtol=0, atol=0.1)
+    assert not torch.equal(seen[0], reference)
+    assert "forward" not in vars(model)  # the class's forward again after the validation
+    with torch.no_grad():
+        model(x)
+    assert dtypes[-1] == torch.float32
+    trainer.segframe_config = trainer.segframe_config.model_copy(update={"train": TrainConfig()})
+    trainer.perform_actual_validation()
+    assert dtypes[-1] == torch.float32  # fp32 (the default): nnU-Net's validation as it is
+    check_validation_precision("bf16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"train.validation_precision: bf16 is for the CPU \(on cuda"):
+        check_validation_precision("bf16", torch.device("cuda"))
 
 
 def test_fp32_step_has_no_autocast():

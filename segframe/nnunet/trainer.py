@@ -80,6 +80,13 @@ class NonFiniteTraining(SegframeError):
     """The loss or the weights became NaN/inf and stayed so: the run is stopped before it saves them."""
 
 
+def check_validation_precision(precision: str, device: torch.device) -> None:
+    """`train.validation_precision: bf16` is for the CPU; refused elsewhere before any file is written."""
+    if precision == "bf16" and device.type != "cpu":
+        raise ConfigError(f"train.validation_precision: bf16 is for the CPU (on {device.type} nnU-Net's own "
+                          "autocast applies in validation); use fp32")
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`train.precision` for a device: auto = bf16 on CUDA that supports it, fp16 (with a grad scaler)
     on older CUDA, fp32 elsewhere."""
@@ -243,6 +250,7 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
         self.save_every = train.save_every
         self.enable_deep_supervision = False
         self.precision = resolve_precision(train.precision, self.device)
+        check_validation_precision(train.validation_precision, self.device)
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.trust_checkpoint = os.environ.get(TRUST_ENV, "") == "1"
         self.nonfinite_in_a_row = 0
@@ -303,10 +311,14 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
         self.print_to_log_file(
             f"precision {self.precision} (train.precision: {cfg.train.precision})"
             + (", with a gradient scaler" if self.grad_scaler is not None else ""))
-        if self.precision == "bf16" and self.device.type == "cpu":
-            from segframe.nnunet.predict import emulated_bf16_note
+        validation = cfg.train.validation_precision
+        if validation == "bf16":
+            self.print_to_log_file("final validation: the forward in bf16 (train.validation_precision)")
+        from segframe.nnunet.predict import emulated_bf16_note
 
-            if note := emulated_bf16_note("train.precision: bf16"):
+        for key, value in (("precision", self.precision), ("validation_precision", validation)):
+            note = emulated_bf16_note(f"train.{key}: bf16") if value == "bf16" else None
+            if note and self.device.type == "cpu":
                 self.print_to_log_file(f"WARNING: {note}")
         self.print_to_log_file("parameters:\n" + format_counts(model.parameter_counts(), detailed=True))
         warning = intensity_warning(list(self.configuration_manager.normalization_schemes), m.normalize)
@@ -353,6 +365,19 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
         super().on_train_epoch_start()
         self.iteration = 0
         self.loss_parts: dict[str, list[float]] = {}  # a head-owned loss's named parts, per step
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's final validation; with train.validation_precision: bf16 the network's forward runs
+        under CPU bfloat16 autocast for it (as `segframe predict --precision bf16`), then is restored."""
+        if self.segframe_config.train.validation_precision != "bf16":
+            return super().perform_actual_validation(save_probabilities)
+        from segframe.nnunet.predict import bf16_network
+
+        bf16_network(self.network)
+        try:
+            return super().perform_actual_validation(save_probabilities)
+        finally:
+            del self.network.forward  # the class's forward again
 
     def autocast(self):
         """Autocast for `train.precision` (none for fp32)."""
