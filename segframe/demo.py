@@ -85,11 +85,9 @@ def convert(data: str, raw: Path) -> tuple[Path, str]:
     return convert_chase(source, raw), f"CHASE_DB1 from {source}"
 
 
-def write_config(config: Path, checkpoint: str | None, out: Path, device: str = "cpu",
-                 precision: str = "fp32") -> Path:
-    """Copy the demo config into the work folder, with the user's checkpoint filled in when given and,
-    on the CPU, `train.precision: auto` (fp32 there) replaced by the demo's arithmetic `precision`.
-    A precision the config names is kept."""
+def write_config(config: Path, checkpoint: str | None, out: Path, precision: str = "fp32") -> Path:
+    """Copy the demo config into the work folder, with the user's checkpoint filled in when given and
+    the final validation's arithmetic (`train.validation_precision`) set to the demo's `precision`."""
     from segframe.config import dump_config, load_config
 
     if not config.is_file():
@@ -100,8 +98,7 @@ def write_config(config: Path, checkpoint: str | None, out: Path, device: str = 
         if not path.is_file():
             raise DemoError(f"checkpoint not found: {path}")
         loaded.model.checkpoint_path = str(path)
-    if loaded.train.precision == "auto" and device == "cpu":
-        loaded.train.precision = precision
+    loaded.train.validation_precision = precision
     out.write_text(dump_config(loaded))
     return out
 
@@ -178,9 +175,10 @@ def describe(cfg: Any) -> str:
 
 
 def demo_precision(choice: str, device: str) -> str:
-    """The demo's arithmetic on the CPU (`segframe predict --precision`, and `train.precision` where the
-    config says auto): `auto` is bf16 on a CPU that computes bfloat16 natively (AVX512_BF16 or AMX: where
-    BENCHMARKS.md measured both faster, with the U-Net's scores met) and fp32 elsewhere."""
+    """The network's arithmetic in the demo's predictions: nnU-Net's final validation
+    (`train.validation_precision`) and the test images (`segframe predict --precision`). `auto` is bf16
+    on a CPU that computes bfloat16 natively (AVX512_BF16 or AMX: where BENCHMARKS.md measured it faster,
+    with the same scores) and fp32 elsewhere."""
     if choice == "bf16" and device != "cpu":
         raise DemoError(f"--precision bf16 is for --device cpu (on {device} nnU-Net's own autocast applies); "
                         "use --precision auto or fp32")
@@ -203,7 +201,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"- model: {summary['model']} ({summary['weights']})",
         f"- config: {summary['config']}",
         f"- device: {summary['device']}, test-time mirroring: {'on' if summary['tta'] else 'off'}, "
-        f"arithmetic: training {summary['train_precision']} (train.precision), prediction "
+        f"arithmetic: training {summary['train_precision']}, final validation and prediction "
         f"{summary['precision']}",
         f"- machine: {summary['machine']}; " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()),
         f"- date: {summary['date']}",
@@ -249,7 +247,7 @@ def run_demo(data: str, work: str | Path, config: str | Path = DEFAULT_CONFIG, c
     print(f"dataset: {dataset}", flush=True)
     done("convert")
 
-    used_config = write_config(Path(config), checkpoint, work / "demo_config.yaml", device, precision)
+    used_config = write_config(Path(config), checkpoint, work / "demo_config.yaml", precision)
     cfg = load_config(used_config)
     if not skip_train:
         stage("plan", "2/6 planning and preprocessing with nnU-Net (2d)")
@@ -294,7 +292,8 @@ def run_demo(data: str, work: str | Path, config: str | Path = DEFAULT_CONFIG, c
         "model_folder": str(model_folder),
         "device": device,
         "tta": tta,
-        "train_precision": cfg.train.precision,
+        "train_precision": "fp32" if (cfg.train.precision, device) == ("auto", "cpu")  # auto's CPU value
+        else cfg.train.precision,
         "precision": precision,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
         "versions": _versions(),
@@ -321,9 +320,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
     p.add_argument("--tta", action="store_true", help="mirror test images at prediction (4x slower)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="the network's arithmetic at prediction, and in training where the config leaves "
-                        "train.precision at auto; auto (default): bf16 on a CPU that computes bfloat16 "
-                        "natively (AVX512_BF16 or AMX), fp32 elsewhere")
+                   help="the network's arithmetic in nnU-Net's final validation and the test predictions; "
+                        "auto (default): bf16 on a CPU that computes bfloat16 natively (AVX512_BF16 or AMX), "
+                        "fp32 elsewhere")
     p.add_argument("--skip-train", action="store_true",
                    help="reuse the model already trained under --work; predict, evaluate and summarise")
 

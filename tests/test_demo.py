@@ -72,10 +72,11 @@ def test_demo_on_generated_data(tmp_path, fake_nnunet, capsys, monkeypatch):
     assert json.loads((work / "summary.json").read_text())["metrics"]["mean"]["dice"] == pytest.approx(2 / 3)
     text = (work / "summary.md").read_text()
     assert "random initialisation" in text
-    assert "- device: cpu, test-time mirroring: off, arithmetic: training bf16 (train.precision), " \
+    assert "- device: cpu, test-time mirroring: off, arithmetic: training fp32, final validation and " \
            "prediction bf16" in text
-    # configs/demo.yaml leaves train.precision at auto: the demo trains in bf16 too on this CPU
-    assert yaml.safe_load((work / "demo_config.yaml").read_text())["train"]["precision"] == "bf16"
+    # nnU-Net's final validation predicts in the same arithmetic; the training stays fp32
+    used = yaml.safe_load((work / "demo_config.yaml").read_text())["train"]
+    assert (used["validation_precision"], used["precision"]) == ("bf16", "auto")
     assert "- model: dinov3 small + upernet 128 + detail path; loss: nnU-Net's Dice + CE (random" in text
     assert (work / "metrics.csv").is_file()
     assert sorted(p.name for p in (work / "overlays").iterdir()) == [f"test_00{i}.png" for i in range(3)]
@@ -93,20 +94,20 @@ def test_demo_on_drive_with_checkpoint(tmp_path, fake_nnunet, monkeypatch):
     assert predict[predict.index("--precision") + 1] == "fp32" and summary["precision"] == "fp32"
     used = yaml.safe_load((tmp_path / "work" / "demo_config.yaml").read_text())
     assert used["model"]["checkpoint_path"] == str(weights)
-    assert used["train"]["precision"] == "fp32" and summary["train_precision"] == "fp32"
+    assert used["train"]["validation_precision"] == "fp32" and summary["train_precision"] == "fp32"
     assert summary["weights"].startswith("fine-tuned from")
 
 
-def test_the_summary_names_every_setting_the_demo_trains(tmp_path, fake_nnunet, monkeypatch):
-    monkeypatch.setattr(nnunet_predict, "native_bf16", lambda: True)
+def test_the_summary_names_every_setting_the_demo_trains(tmp_path, fake_nnunet):
     write_drive(tmp_path / "DRIVE")
     config = tmp_path / "mine.yaml"
     text = demo.DEFAULT_CONFIG.read_text().replace("hidden_size: 128", "hidden_size: 64")
     text = text.replace("  neck: pyramid", "  layers: [0, 1, 2, 3]\n  neck: pyramid")
-    config.write_text(text + "  loss: {skeleton_recall: 0.4}\n  precision: fp32\n")
-    summary = demo.run_demo(str(tmp_path / "DRIVE"), tmp_path / "work", config=config)
-    # a training precision the config names is kept; the prediction takes --precision auto's bf16
-    assert (summary["train_precision"], summary["precision"]) == ("fp32", "bf16")
+    config.write_text(text + "  loss: {skeleton_recall: 0.4}\n  precision: bf16\n")
+    summary = demo.run_demo(str(tmp_path / "DRIVE"), tmp_path / "work", config=config, precision="fp32")
+    # the config's training precision is kept; --precision sets the final validation's and the prediction's
+    assert (summary["train_precision"], summary["precision"]) == ("bf16", "fp32")
+    assert "arithmetic: training bf16, final validation and prediction fp32" in demo.summary_markdown(summary)
     assert summary["model"] == ("dinov3 small (features of blocks 1, 2, 3, 4) + upernet 64 + detail path; "
                                 "loss: nnU-Net's Dice + CE + Skeleton Recall 0.4")
 
@@ -116,9 +117,6 @@ def test_bf16_is_refused_off_the_cpu_before_anything_runs(tmp_path, fake_nnunet)
         demo.run_demo("", tmp_path / "work", device="cuda", precision="bf16")
     assert fake_nnunet == [] and not (tmp_path / "work").exists()
     assert demo.demo_precision("auto", "cuda") == "fp32"
-    # off the CPU train.precision's own auto stays (bf16 or fp16 on CUDA)
-    written = demo.write_config(demo.DEFAULT_CONFIG, None, tmp_path / "used.yaml", "cuda", "fp32")
-    assert yaml.safe_load(written.read_text())["train"]["precision"] == "auto"
 
 
 def test_overlay_colours():
