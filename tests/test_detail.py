@@ -374,8 +374,10 @@ def test_benchmark_rows_for_any_decoder():
     assert not cfg.model.detail.enabled and cfg.model.neck == "identity"
     assert cfg.train.patch_size == [192, 192]
     plain = demo.train.loss.model_copy(update={"skeleton_recall": 0.0})  # a row without +srec has no term
+    # ... and trains in fp32 without +trainbf16, its final validation too without +valbf16
     assert cfg.model.decoder.params["hidden_size"] == 128 and cfg.train == demo.train.model_copy(
-        update={"patch_size": [192, 192], "batch_size": 2, "loss": plain})
+        update={"patch_size": [192, 192], "batch_size": 2, "loss": plain, "precision": "fp32",
+                "validation_precision": "fp32"})
     on = demo.model.model_copy(update={"detail": DetailConfig(enabled=True)})
     detailed = demo.model_copy(update={"model": on})
     assert not row_config("upernet", detailed)[1].model.detail.enabled  # a plain row stays plain
