@@ -20,9 +20,9 @@ e.g. `+depth6`: 0, 2, 3, 5; the later blocks are never run),
 `+pN` trains on NxN patches instead of 192x192 at the same iterations and batch (more pixels per step: the
 patch size as a lever, said in the label), `+trainbf16` trains under bfloat16 autocast (train.precision: bf16;
 fp32 without it), `+valbf16` runs nnU-Net's final validation (part of the train time) with the
-network's forward in bfloat16 (train.validation_precision: bf16; the trained model is the same), `+stepS`
-predicts with nnU-Net's tile_step_size S instead of
-0.5 (`segframe predict --step_size`; fewer tiles), `+bf16` predicts with the network under bfloat16
+network's forward in bfloat16 (train.validation_precision: bf16; the trained model is the same),
+`+stepS` predicts with nnU-Net's tile_step_size S instead of 0.5 (`segframe predict --step_size`;
+fewer tiles), `+bf16` predicts with the network under bfloat16
 autocast (`segframe predict --precision bf16`); a row that differs from an earlier row of the run only
 in `+stepS` or `+bf16` predicts with that row's trained model instead of training again (its train time
 is that run's). Default rows: the U-Net,
