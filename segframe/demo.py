@@ -249,6 +249,11 @@ def run_demo(data: str, work: str | Path, config: str | Path = DEFAULT_CONFIG, c
 
     used_config = write_config(Path(config), checkpoint, work / "demo_config.yaml", precision)
     cfg = load_config(used_config)
+    import torch
+
+    from segframe.nnunet.trainer import resolve_precision
+
+    train_precision = resolve_precision(cfg.train.precision, torch.device(device))  # what the trainer uses
     if not skip_train:
         stage("plan", "2/6 planning and preprocessing with nnU-Net (2d)")
         _run([_tool("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "2d", "-np",
@@ -292,8 +297,7 @@ def run_demo(data: str, work: str | Path, config: str | Path = DEFAULT_CONFIG, c
         "model_folder": str(model_folder),
         "device": device,
         "tta": tta,
-        "train_precision": "fp32" if (cfg.train.precision, device) == ("auto", "cpu")  # auto's CPU value
-        else cfg.train.precision,
+        "train_precision": train_precision,
         "precision": precision,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
         "versions": _versions(),
