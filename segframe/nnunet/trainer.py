@@ -316,9 +316,10 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
             self.print_to_log_file("final validation: the forward in bf16 (train.validation_precision)")
         from segframe.nnunet.predict import emulated_bf16_note
 
-        for key, value in (("precision", self.precision), ("validation_precision", validation)):
-            note = emulated_bf16_note(f"train.{key}: bf16") if value == "bf16" else None
-            if note and self.device.type == "cpu":
+        on_cpu = [key for key, value in (("precision", self.precision), ("validation_precision", validation))
+                  if value == "bf16" and self.device.type == "cpu"]
+        for key in on_cpu:
+            if note := emulated_bf16_note(f"train.{key}: bf16"):
                 self.print_to_log_file(f"WARNING: {note}")
         self.print_to_log_file("parameters:\n" + format_counts(model.parameter_counts(), detailed=True))
         warning = intensity_warning(list(self.configuration_manager.normalization_schemes), m.normalize)
