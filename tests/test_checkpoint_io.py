@@ -9,11 +9,13 @@ import copy
 import os
 from types import SimpleNamespace
 
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from segframe.config import TrainConfig, validate_config
@@ -33,6 +35,7 @@ from segframe.nnunet.trainer import (
     nnUNetTrainerSegframe,
     resolve_precision,
 )
+from segframe.nnunet.window import SegframePredictor
 
 
 def fake_checkpoint(**extra) -> dict:
@@ -183,7 +186,7 @@ def test_cpu_bf16_step_matches_torch_autocast_recipe():
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), untouched, strict=True))
 
 
-def test_bf16_final_validation_runs_the_forward_in_bf16_then_restores_it(monkeypatch):
+def test_final_validation_predicts_with_segframes_window_and_bf16_then_restores_both(monkeypatch):
     trainer, _ = stepper("fp32")
     train = trainer.segframe_config.train.model_copy(update={"validation_precision": "bf16"})
     trainer.segframe_config = trainer.segframe_config.model_copy(update={"train": train})
@@ -191,11 +194,12 @@ def test_bf16_final_validation_runs_the_forward_in_bf16_then_restores_it(monkeyp
     x = batch()["data"]
     with torch.no_grad():
         reference = model(x)
-    dtypes, seen = [], []
+    dtypes, seen, predictors = [], [], []
     next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).register_forward_hook(
         lambda m, i, o: dtypes.append(o.dtype))
 
     def nnunet_validation(self, save_probabilities=False):  # what nnU-Net's validation does with the network
+        predictors.append(nnunet_trainer_module.nnUNetPredictor)
         with torch.no_grad():
             seen.append(self.network(x))
 
@@ -211,6 +215,8 @@ def test_bf16_final_validation_runs_the_forward_in_bf16_then_restores_it(monkeyp
     trainer.segframe_config = trainer.segframe_config.model_copy(update={"train": TrainConfig()})
     trainer.perform_actual_validation()
     assert dtypes[-1] == torch.float32  # fp32 (the default): nnU-Net's validation as it is
+    assert predictors == [SegframePredictor] * 2  # segframe's window for both, then nnU-Net's
+    assert nnunet_trainer_module.nnUNetPredictor is nnUNetPredictor
     check_validation_precision("bf16", torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"train.validation_precision: bf16 is for the CPU \(on cuda"):
         check_validation_precision("bf16", torch.device("cuda"))

@@ -3,7 +3,8 @@
 Inputs are PNG (8/16-bit, gray/RGB/RGBA), JPEG, TIFF or BMP files with any name, or nnU-Net's
 `CASE_XXXX.<ending>` channel files; each is converted to what the model was trained on
 (`segframe.images.InputSpec`) and predicted by nnU-Net's own predictor (preprocessing, sliding
-window, Gaussian weighting, mirroring, resampling back). Files in nnU-Net formats that are not
+window, Gaussian weighting, mirroring, resampling back; on the CPU the window runs in one thread,
+`segframe.nnunet.window`). Files in nnU-Net formats that are not
 ordinary images (e.g. `.nii.gz`) are read and written by the plans' own reader/writer.
 """
 
@@ -190,11 +191,11 @@ class Predictor:
             raise SegframeError(f"--precision bf16 is for prediction on the CPU; on {torch_device.type} "
                                 "nnU-Net's own autocast applies (fp16 on CUDA): leave --precision at fp32")
         use_ext_trainer()
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from segframe.nnunet.window import SegframePredictor
 
         # off CUDA, nnU-Net prints that it turned off perform_everything_on_device, which we never set
         with contextlib.redirect_stdout(io.StringIO()):
-            predictor = nnUNetPredictor(
+            predictor = SegframePredictor(
                 tile_step_size=step_size, use_gaussian=True, use_mirroring=mirroring,
                 perform_everything_on_device=torch_device.type == "cuda", device=torch_device, verbose=False,
                 allow_tqdm=progress,

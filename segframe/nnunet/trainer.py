@@ -9,7 +9,8 @@ the auxiliary-head loss (or the head's own loss), the optional Skeleton Recall t
 readable fallback, atomic checkpoint writes, the best EMA Dice kept over `--c`, skipped NaN/inf
 steps with a stop after `train.max_nonfinite_steps`, `train.precision`, and `train.seed` (the
 training process and every augmentation worker seeded, batches in a fixed order).
-Data, augmentation, validation and export stay nnU-Net's. Pretrained backbone weights load when
+Data, augmentation, validation and export stay nnU-Net's (the final validation predicted by
+`SegframePredictor`, as `segframe predict`). Pretrained backbone weights load when
 training starts, never at inference.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from time import time
 from unittest import mock
 
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -368,17 +370,21 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
         self.loss_parts: dict[str, list[float]] = {}  # a head-owned loss's named parts, per step
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        """nnU-Net's final validation; with train.validation_precision: bf16 the network's forward runs
-        under CPU bfloat16 autocast for it (as `segframe predict --precision bf16`), then is restored."""
-        if self.segframe_config.train.validation_precision != "bf16":
-            return super().perform_actual_validation(save_probabilities)
+        """nnU-Net's final validation, predicted as `segframe predict` does: by `SegframePredictor` (on the
+        CPU, the sliding window in one thread), and with train.validation_precision: bf16 the network's
+        forward under CPU bfloat16 autocast (as `--precision bf16`), restored afterwards."""
         from segframe.nnunet.predict import bf16_network
+        from segframe.nnunet.window import SegframePredictor
 
-        bf16_network(self.network)
+        bf16 = self.segframe_config.train.validation_precision == "bf16"
+        if bf16:
+            bf16_network(self.network)
         try:
-            return super().perform_actual_validation(save_probabilities)
+            with mock.patch.object(nnunet_trainer_module, "nnUNetPredictor", SegframePredictor):
+                return super().perform_actual_validation(save_probabilities)
         finally:
-            del self.network.forward  # the class's forward again
+            if bf16:
+                del self.network.forward  # the class's forward again
 
     def autocast(self):
         """Autocast for `train.precision` (none for fp32)."""
