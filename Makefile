@@ -42,6 +42,7 @@ bench: install
 	$(PY) benchmarks/chase_dice.py --data "$(DATA)" --work bench_output --write
 	$(PY) benchmarks/nnunet_step.py --work bench_output --write
 	$(PY) benchmarks/profile_parts.py --work bench_output --write
+	$(PY) benchmarks/window.py --work bench_output --write
 
 clean:
 	rm -rf $(WORK) bench_output

@@ -153,8 +153,9 @@ class Predictor:
     """A trained segframe results folder as a Python object: `predict(image)` -> label map.
 
     `Predictor.from_results(folder)` rebuilds the model from the folder alone (no YAML) and
-    wraps nnU-Net's `nnUNetPredictor`, so preprocessing, sliding window, mirroring and resampling
-    are nnU-Net's. Images are converted to what the model was trained on as `segframe predict` does.
+    wraps nnU-Net's `nnUNetPredictor` (as `SegframePredictor`: on the CPU its sliding window runs in one
+    thread), so preprocessing, sliding window, mirroring and resampling are nnU-Net's. Images are
+    converted to what the model was trained on as `segframe predict` does.
     """
 
     def __init__(self, predictor: Any, model_folder: Path, folds: list[int | str], checkpoint: str,
