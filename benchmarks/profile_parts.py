@@ -183,20 +183,19 @@ def _top(prof, rows: int = 8) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=50)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def folder_arguments(parser: argparse.ArgumentParser) -> None:
+    """--work, -m and -i: the trained results folders and the image a benchmark reads (also window.py)."""
     parser.add_argument("--work", default=str(ROOT / "bench_output"), help="chase_dice.py's --work")
     parser.add_argument("-m", dest="folders", action="append", metavar="RESULTS_FOLDER")
     parser.add_argument("-i", dest="image", help="one image the folders can predict")
-    parser.add_argument("--steps", type=int, default=3, help="unprofiled training steps timed for `wall`")
-    parser.add_argument("--step_size", type=float, default=0.5, help="nnU-Net's tile_step_size")
-    parser.add_argument("--write", action="store_true", help="also update this section of BENCHMARKS.md")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
+
+
+def folders_and_image(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[Path], Path]:
+    """The results folders (-m, or every one chase_dice.py left under --work) and the image (-i, or the
+    first test image there); nnU-Net's paths set from --work; a parser error for what is missing."""
     work = Path(args.work).resolve()
-    os.environ.setdefault("nnUNet_raw", str(work / "nnUNet_raw"))  # nnU-Net warns without them
-    os.environ.setdefault("nnUNet_preprocessed", str(work / "nnUNet_preprocessed"))
-    os.environ.setdefault("nnUNet_results", str(work / "nnUNet_results"))
+    for name in ("raw", "preprocessed", "results"):  # nnU-Net warns without them
+        os.environ.setdefault(f"nnUNet_{name}", str(work / f"nnUNet_{name}"))
     found = args.folders or sorted(work.glob("nnUNet_results/Dataset*/*__*__*"))
     folders = [Path(f).resolve() for f in found]
     if not folders:
@@ -211,13 +210,25 @@ def main() -> None:
             parser.error(f"{folder}: no fold_0/checkpoint_final.pth (train to the end first)")
     if not Path(args.image).is_file():
         parser.error(f"{args.image}: no such image")
+    return folders, Path(args.image)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    folder_arguments(parser)
+    parser.add_argument("--steps", type=int, default=3, help="unprofiled training steps timed for `wall`")
+    parser.add_argument("--step_size", type=float, default=0.5, help="nnU-Net's tile_step_size")
+    parser.add_argument("--write", action="store_true", help="also update this section of BENCHMARKS.md")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    folders, image = folders_and_image(parser, args)
     lines = [f"## Where the time goes: one training step and one predicted image, by part (torch.profiler, "
              f"median of {args.steps} unprofiled steps for wall)", "", machine("cpu"), "",
              "| model | work | wall (ms) | profiled (ms) | share of the profiled time |",
              "|---|---|---:|---:|---|"]
     tops = []
     for folder in folders:
-        rows, top = profile_folder(folder, Path(args.image), args.steps, args.step_size)
+        rows, top = profile_folder(folder, image, args.steps, args.step_size)
         lines += rows
         tops += top
     print("\n".join(tops))

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, machine, publish  # noqa: E402
-from profile_parts import load  # noqa: E402
+from common import machine, publish  # noqa: E402
+from profile_parts import folder_arguments, folders_and_image, load  # noqa: E402
 
 
 def pair(folder: Path, precision: str):
@@ -79,39 +79,25 @@ def main() -> None:
     from segframe.nnunet.predict import native_bf16
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default=str(ROOT / "bench_output"), help="chase_dice.py's --work")
-    parser.add_argument("-m", dest="folders", action="append", metavar="RESULTS_FOLDER")
-    parser.add_argument("-i", dest="image", help="one image the folders can predict")
+    folder_arguments(parser)
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds per predictor")
     parser.add_argument("--write", action="store_true", help="also update this section of BENCHMARKS.md")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     warnings.filterwarnings("ignore")
-    work = Path(args.work).resolve()
-    for name in ("raw", "preprocessed", "results"):  # nnU-Net warns without them
-        os.environ.setdefault(f"nnUNet_{name}", str(work / f"nnUNet_{name}"))
-    found = args.folders or sorted(work.glob("nnUNet_results/Dataset*/*__*__*"))
-    folders = [Path(f).resolve() for f in found]
-    if not folders:
-        parser.error(f"no results folder under {work}/nnUNet_results: run chase_dice.py or pass -m")
-    missing = [f for f in folders if not (f / "fold_0" / "checkpoint_final.pth").is_file()]
-    if missing:
-        parser.error(f"{missing[0]}: no fold_0/checkpoint_final.pth (train to the end first)")
-    images = [Path(args.image)] if args.image else sorted(work.glob("nnUNet_raw/Dataset*/imagesTs/*"))[:1]
-    if not images or not images[0].is_file():
-        parser.error(f"no test image {args.image or f'under {work}/nnUNet_raw'}: pass -i IMAGE")
+    folders, image = folders_and_image(parser, args)
     torch.set_num_threads(os.cpu_count() or 1)  # as nnU-Net's and segframe's commands run
     lines = [f"## nnU-Net's sliding window on the CPU: producer thread vs one thread (median of "
              f"{args.rounds} alternating rounds)", "", machine("cpu"), "",
-             f"One image ({images[0].name}) predicted as `segframe predict --disable_tta` does, tile step "
+             f"One image ({image.name}) predicted as `segframe predict --disable_tta` does, tile step "
              "0.5; `nnU-Net` cuts the tiles in its producer thread, `one thread` is segframe's "
              "SegframePredictor (the same label map).", "",
              "| model | forward | nnU-Net (s) | one thread (s) | ratio |", "|---|---|---:|---:|---:|"]
     for folder in folders:
         segframe_folder = (folder / "segframe.yaml").is_file()
         for precision in ("fp32", "bf16") if segframe_folder and native_bf16() else ("fp32",):
-            lines.append(measure(folder, precision, images[0], args.rounds))
+            lines.append(measure(folder, precision, image, args.rounds))
     publish("window-thread-cpu", lines, args.write)
 
 
