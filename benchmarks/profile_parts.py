@@ -130,6 +130,11 @@ def train_step(network, optimizer, batch: int, channels: int, patch: list[int], 
         optimizer.step()
 
 
+def folder_label(folder: Path) -> str:
+    """A results folder's row name: its plans name without nnU-Net's and the benchmark's prefixes."""
+    return re.sub(r"^nnUNetPlans_(segframe_)?(bench_)?", "", folder.name.split("__")[1])
+
+
 def profile_folder(folder: Path, image: Path, steps: int, step_size: float) -> tuple[list, list]:
     """The table lines and the top-operator lines of one results folder."""
     predictor = load(folder, step_size)
@@ -163,7 +168,7 @@ def profile_folder(folder: Path, image: Path, steps: int, step_size: float) -> t
     with profile(activities=[ProfilerActivity.CPU]) as predict_prof:
         predictor.predict_single_npy_array(data, props, None, None, False)
     predict = split(predict_prof.events(), names)
-    label = re.sub(r"^nnUNetPlans_(segframe_)?(bench_)?", "", folder.name.split("__")[1])
+    label = folder_label(folder)
     patch, image_size = "x".join(map(str, cm.patch_size)), "x".join(map(str, data.shape[-2:]))
     rows = [f"| {label} | train step ({cm.batch_size}x{patch}) | {statistics.median(wall) * 1e3:.0f} | "
             f"{train['total']:.0f} | {_shares(train)} |",

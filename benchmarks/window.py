@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, publish  # noqa: E402
-from profile_parts import folder_arguments, folders_and_image, load  # noqa: E402
+from profile_parts import folder_arguments, folder_label, folders_and_image, load  # noqa: E402
 
 
 def pair(folder: Path, precision: str):
@@ -71,11 +70,12 @@ def measure(folder: Path, precision: str, image: Path, rounds: int) -> str:
         print(f"{folder.name} {precision}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
               flush=True)
     stock_s, segframe_s = (statistics.median(times[k]) for k in ("stock", "segframe"))
-    label = folder.name.split("__")[1].removeprefix("nnUNetPlans_").removeprefix("segframe_")
-    return (f"| {label} | {precision} | {stock_s:.2f} | {segframe_s:.2f} | {segframe_s / stock_s:.2f} |")
+    return (f"| {folder_label(folder)} | {precision} | {stock_s:.2f} | {segframe_s:.2f} | "
+            f"{segframe_s / stock_s:.2f} |")
 
 
 def main() -> None:
+    from segframe.nnunet.cli import cpu_threads
     from segframe.nnunet.predict import native_bf16
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,7 +87,7 @@ def main() -> None:
         parser.error("--rounds must be at least 1")
     warnings.filterwarnings("ignore")
     folders, image = folders_and_image(parser, args)
-    torch.set_num_threads(os.cpu_count() or 1)  # as nnU-Net's and segframe's commands run
+    torch.set_num_threads(cpu_threads())  # as `segframe predict -device cpu` runs
     lines = [f"## nnU-Net's sliding window on the CPU: producer thread vs one thread (median of "
              f"{args.rounds} alternating rounds)", "", machine("cpu"), "",
              f"One image ({image.name}) predicted as `segframe predict --disable_tta` does, tile step "
