@@ -35,7 +35,7 @@ from segframe.nnunet.trainer import (
     nnUNetTrainerSegframe,
     resolve_precision,
 )
-from segframe.nnunet.window import SegframePredictor
+from segframe.nnunet.window import ValidationPredictor
 
 
 def fake_checkpoint(**extra) -> dict:
@@ -215,7 +215,7 @@ def test_final_validation_predicts_with_segframes_window_and_bf16_then_restores_
     trainer.segframe_config = trainer.segframe_config.model_copy(update={"train": TrainConfig()})
     trainer.perform_actual_validation()
     assert dtypes[-1] == torch.float32  # fp32 (the default): nnU-Net's validation as it is
-    assert predictors == [SegframePredictor] * 2  # segframe's window for both, then nnU-Net's
+    assert predictors == [ValidationPredictor] * 2  # segframe's window for both, then nnU-Net's
     assert nnunet_trainer_module.nnUNetPredictor is nnUNetPredictor
     check_validation_precision("bf16", torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"train.validation_precision: bf16 is for the CPU \(on cuda"):

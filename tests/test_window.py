@@ -1,4 +1,5 @@
-"""SegframePredictor's CPU sliding window against nnU-Net's own: the same logits, no producer thread."""
+"""SegframePredictor's CPU sliding window against nnU-Net's own: the same logits, no producer thread; the
+final validation's ValidationPredictor: the same logits, in shared memory."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-from segframe.nnunet.window import SegframePredictor
+from segframe.nnunet.window import SegframePredictor, ValidationPredictor
 
 
 def predictor(cls: type, mirroring: bool, gaussian: bool) -> nnUNetPredictor:
@@ -41,3 +42,15 @@ def test_cpu_window_equals_nnunets_and_starts_no_thread(monkeypatch, mirroring, 
     assert torch.equal(logits, reference)
     with pytest.raises(AssertionError, match="producer thread"):  # nnU-Net's own window does start one
         predictor(nnUNetPredictor, mirroring, gaussian).predict_sliding_window_return_logits(image)
+
+
+def test_validation_logits_equal_nnunets_in_shared_memory():
+    """nnU-Net's final validation pickles each image's logits to its export pool; already in shared memory,
+    they are sent without a copy in the pool's thread. `segframe predict` (numpy to the pool) is unchanged."""
+    image = torch.randn(2, 2, 37, 50) * 3
+    reference = predictor(nnUNetPredictor, True, True).predict_sliding_window_return_logits(image)
+    logits = predictor(ValidationPredictor, True, True).predict_sliding_window_return_logits(image)
+    assert torch.equal(logits, reference) and logits.is_shared()
+    assert not reference.is_shared()
+    plain = predictor(SegframePredictor, True, True).predict_sliding_window_return_logits(image)
+    assert not plain.is_shared()

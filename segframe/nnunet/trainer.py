@@ -10,7 +10,7 @@ readable fallback, atomic checkpoint writes, the best EMA Dice kept over `--c`, 
 steps with a stop after `train.max_nonfinite_steps`, `train.precision`, and `train.seed` (the
 training process and every augmentation worker seeded, batches in a fixed order).
 Data, augmentation, validation and export stay nnU-Net's (the final validation predicted by
-`SegframePredictor`, as `segframe predict`). Pretrained backbone weights load when
+`ValidationPredictor`: `segframe predict`'s window). Pretrained backbone weights load when
 training starts, never at inference.
 """
 
@@ -370,17 +370,18 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
         self.loss_parts: dict[str, list[float]] = {}  # a head-owned loss's named parts, per step
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        """nnU-Net's final validation, predicted as `segframe predict` does: by `SegframePredictor` (on the
-        CPU, the sliding window in one thread), and with train.validation_precision: bf16 the network's
-        forward under CPU bfloat16 autocast (as `--precision bf16`), restored afterwards."""
+        """nnU-Net's final validation, predicted as `segframe predict` does: by `ValidationPredictor` (on the
+        CPU, the sliding window in one thread and the logits handed to nnU-Net's export pool in shared
+        memory), and with train.validation_precision: bf16 the network's forward under CPU bfloat16
+        autocast (as `--precision bf16`), restored afterwards."""
         from segframe.nnunet.predict import bf16_network
-        from segframe.nnunet.window import SegframePredictor
+        from segframe.nnunet.window import ValidationPredictor
 
         bf16 = self.segframe_config.train.validation_precision == "bf16"
         if bf16:
             bf16_network(self.network)
         try:
-            with mock.patch.object(nnunet_trainer_module, "nnUNetPredictor", SegframePredictor):
+            with mock.patch.object(nnunet_trainer_module, "nnUNetPredictor", ValidationPredictor):
                 return super().perform_actual_validation(save_probabilities)
         finally:
             if bf16:
