@@ -59,6 +59,12 @@ def pair(folder: Path, precision: str, classes: tuple[type, type]):
     return made
 
 
+def table_line(folder: Path, precision: str, times: dict[str, list[float]]) -> str:
+    """A table line: the median seconds of the two predictors in `times` and their ratio (second/first)."""
+    first, second = (statistics.median(seconds) for seconds in times.values())
+    return f"| {folder_label(folder)} | {precision} | {first:.2f} | {second:.2f} | {second / first:.2f} |"
+
+
 def measure(folder: Path, precision: str, image: Path, rounds: int) -> str:
     """One table line: the median seconds of both predictors on `image` and their ratio."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -78,9 +84,7 @@ def measure(folder: Path, precision: str, image: Path, rounds: int) -> str:
             times[name].append(time.perf_counter() - start)
         print(f"{folder.name} {precision}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
               flush=True)
-    stock_s, segframe_s = (statistics.median(times[k]) for k in ("stock", "segframe"))
-    return (f"| {folder_label(folder)} | {precision} | {stock_s:.2f} | {segframe_s:.2f} | "
-            f"{segframe_s / stock_s:.2f} |")
+    return table_line(folder, precision, times)
 
 
 def validation_round(predictor, data: torch.Tensor, props: dict, images: int, out: str) -> list[float]:
@@ -121,9 +125,7 @@ def measure_validation(folder: Path, precision: str, image: Path, rounds: int) -
                 times[name] += seconds[1:]
                 print(f"{folder.name} {precision} {name}: " + ", ".join(f"{s:.2f}" for s in seconds),
                       flush=True)
-    plain_s, validation_s = (statistics.median(times[k]) for k in ("plain", "validation"))
-    return (f"| {folder_label(folder)} | {precision} | {plain_s:.2f} | {validation_s:.2f} | "
-            f"{validation_s / plain_s:.2f} |")
+    return table_line(folder, precision, times)
 
 
 def main() -> None:
