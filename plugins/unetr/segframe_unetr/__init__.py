@@ -1,19 +1,21 @@
 """UNETR decoder plugin for segframe: the 2D decoder of UNETR (Hatamizadeh et al., 2022).
 
-Written in plain torch, module for module as MONAI's `monai.networks.nets.UNETR` builds it
-(`UnetrBasicBlock`, `UnetrPrUpBlock`, `UnetrUpBlock`, `UnetOutBlock`, with the same submodule
-names), so MONAI's decoder weights load one to one; MONAI itself is only a test dependency.
-Like MONAI, the weights keep PyTorch's default initialisation.
+By default written in plain torch, module for module as MONAI's `monai.networks.nets.UNETR`
+builds it (`UnetrBasicBlock`, `UnetrPrUpBlock`, `UnetrUpBlock`, `UnetOutBlock`, with the same
+submodule names), so MONAI's decoder weights load one to one; MONAI itself is only a test
+dependency. Like MONAI, the weights keep PyTorch's default initialisation. With
+`decoder_channels` it builds the older nnU-Net fork's configurable UNETR decoder instead
+(GroupNorm deconvolution chains, no image skip), with that decoder's submodule names.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, model_validator
 from torch import nn
 
 from segframe import ConfigError, DecoderSpec, hookimpl
@@ -36,6 +38,43 @@ class UnetrParams(BaseModel):
     conv_block: bool = Field(
         True, description="a conv block after each deconvolution of the ViT-level chains (MONAI's conv_block)"
     )
+    decoder_channels: Annotated[list[PositiveInt], Field(min_length=5, max_length=5)] | None = Field(
+        None,
+        description="five widths, deep to shallow (the fork's default [512, 256, 128, 64, 32]): build the "
+        "configurable decoder instead of MONAI's (null: MONAI's, set by the four keys above)",
+    )
+    negative_slope: NonNegativeFloat | None = Field(
+        None, description="LeakyReLU slope of the configurable decoder (null: 0.01); needs decoder_channels"
+    )
+    upsample_mode: Literal["deconv", "bilinear"] | None = Field(
+        None,
+        description="the configurable decoder's 2x steps: transposed conv (deconv) or bilinear "
+        "(null: deconv); needs decoder_channels",
+    )
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> UnetrParams:
+        if self.decoder_channels is None:
+            names = " and ".join(k for k in FORK_ONLY_KEYS if getattr(self, k) is not None)
+            if names:
+                raise ValueError(
+                    f"only the configurable decoder reads {names}: set decoder_channels too (the fork's "
+                    f"default is [512, 256, 128, 64, 32]) or remove {names}"
+                )
+        else:
+            fields = type(self).model_fields
+            names = " and ".join(k for k in MONAI_KEYS if getattr(self, k) != fields[k].default)
+            if names:
+                raise ValueError(
+                    f"only MONAI's decoder reads {names}, and decoder_channels replaces it with the "
+                    f"configurable one: remove {names} or decoder_channels"
+                )
+        return self
+
+
+# the keys of MONAI's layout, and those of the configurable one that decoder_channels selects
+MONAI_KEYS = ("feature_size", "norm", "res_block", "conv_block")
+FORK_ONLY_KEYS = ("negative_slope", "upsample_mode")
 
 
 def _conv(cin: int, cout: int, kernel: int, transposed: bool = False, bias: bool = False) -> nn.Sequential:
@@ -162,16 +201,6 @@ class UnetrDecoder(nn.Module):
         context: HeadContext,
     ):
         super().__init__()
-        if context.neck != "identity":
-            raise ConfigError(
-                f"model.neck: unetr reads four same-stride ViT levels and builds its own resolutions, so it "
-                f"cannot take the {context.neck} neck; set model.neck: identity"
-            )
-        if len(in_channels) != 4:
-            raise ConfigError(
-                f"model.layers: unetr needs exactly 4 backbone blocks (shallow to deep, e.g. [2, 5, 8, 11] "
-                f"for 12 blocks), got {len(in_channels)} levels; set model.layers to 4 block indices"
-            )
         f = params.feature_size
         c0, c1, c2, c3 = in_channels
         self.patch_size = context.patch_size
@@ -202,6 +231,79 @@ class UnetrDecoder(nn.Module):
         return self.out(self.decoder2(dec1, enc1))
 
 
+def _group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with the most groups of 8, 4, 2 that divide the channels (else 1)."""
+    return nn.GroupNorm(next(g for g in (8, 4, 2, 1) if channels % g == 0), channels)
+
+
+def _deconv_step(cin: int, cout: int, slope: float) -> nn.Sequential:
+    """2x transposed conv (bias), conv3x3 (no bias), GroupNorm, LeakyReLU."""
+    return nn.Sequential(OrderedDict(
+        deconv=nn.ConvTranspose2d(cin, cout, 2, stride=2),
+        conv=nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        norm=_group_norm(cout),
+        act=nn.LeakyReLU(slope, inplace=True),
+    ))
+
+
+def _double_conv(cin: int, cout: int, slope: float) -> nn.Sequential:
+    """(conv3x3 without bias, GroupNorm, LeakyReLU) twice."""
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(cin, cout, 3, padding=1, bias=False), norm1=_group_norm(cout),
+        act1=nn.LeakyReLU(slope, inplace=True),
+        conv2=nn.Conv2d(cout, cout, 3, padding=1, bias=False), norm2=_group_norm(cout),
+        act2=nn.LeakyReLU(slope, inplace=True),
+    ))
+
+
+class ConfigurableUnetrDecoder(nn.Module):
+    """The older nnU-Net fork's UNETR decoder on four same-stride ViT levels, with its module names.
+
+    `decoder_channels` c0..c4 run deep to shallow. Each level goes through a chain of 2x
+    deconvolution steps (`encoder.z1_blocks` .. `z4_blocks`: 4, 3, 2, 1 steps, widths c3, c2, c1,
+    c0), giving skips at 16x, 8x, 4x and a bottleneck at 2x the token grid. The U-Net decoder
+    (`decoder.up4`/`conv4` .. `up2`/`conv2`) doubles the bottleneck three times, each time joined
+    with a skip; `conv1` and the 1x1 `seg_head` end at 16x the token grid. There is no image skip.
+    With `upsample_mode: bilinear` the 2x steps of the U-Net decoder are bilinear and keep the
+    width. Weights keep PyTorch's default initialisation, as in the fork.
+    """
+
+    inputs: frozenset[str] = frozenset()
+
+    def __init__(self, params: UnetrParams, in_channels: list[int], num_classes: int, context: HeadContext):
+        super().__init__()
+        c = params.decoder_channels
+        slope = 0.01 if params.negative_slope is None else params.negative_slope
+        deconv = (params.upsample_mode or "deconv") == "deconv"
+        self.output_stride = _stride(context.patch_size / CANVAS)
+        # level 3 (deepest) takes 1 step to width c0, ..., level 0 takes 4 steps to width c3
+        self.encoder = nn.ModuleDict()
+        for level in (3, 2, 1, 0):
+            width = c[3 - level]
+            steps = [_deconv_step(in_channels[level], width, slope)]
+            steps += [_deconv_step(width, width, slope) for _ in range(3 - level)]
+            self.encoder[f"z{level + 1}_blocks"] = nn.Sequential(*steps)
+        self.decoder = nn.ModuleDict()
+        for stage, deep, shallow in ((4, c[0], c[1]), (3, c[1], c[2]), (2, c[2], c[3])):
+            if deconv:  # the transposed conv already narrows to the skip's width
+                up, joined = nn.ConvTranspose2d(deep, shallow, 2, stride=2), 2 * shallow
+            else:
+                up, joined = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), deep + shallow
+            self.decoder[f"up{stage}"] = up
+            self.decoder[f"conv{stage}"] = _double_conv(joined, shallow, slope)
+        self.decoder["conv1"] = _double_conv(c[3], c[4], slope)
+        self.decoder["seg_head"] = nn.Conv2d(c[4], num_classes, 1)
+
+    def forward(self, inputs: DecoderInputs) -> torch.Tensor:
+        skip1, skip2, skip3, x = (
+            self.encoder[f"z{i + 1}_blocks"](level) for i, level in enumerate(inputs.features)
+        )
+        dec = self.decoder
+        for stage, skip in ((4, skip3), (3, skip2), (2, skip1)):
+            x = dec[f"conv{stage}"](torch.cat((dec[f"up{stage}"](x), skip), dim=1))
+        return dec["seg_head"](dec["conv1"](x))
+
+
 def _stride(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
@@ -210,6 +312,18 @@ def build(
     params: UnetrParams, in_channels: list[int], in_strides: list[float], num_classes: int,
     context: HeadContext,
 ) -> nn.Module:
+    if context.neck != "identity":
+        raise ConfigError(
+            f"model.neck: unetr reads four same-stride ViT levels and builds its own resolutions, so it "
+            f"cannot take the {context.neck} neck; set model.neck: identity"
+        )
+    if len(in_channels) != 4:
+        raise ConfigError(
+            f"model.layers: unetr needs exactly 4 backbone blocks (shallow to deep, e.g. [2, 5, 8, 11] "
+            f"for 12 blocks), got {len(in_channels)} levels; set model.layers to 4 block indices"
+        )
+    if params.decoder_channels is not None:
+        return ConfigurableUnetrDecoder(params, in_channels, num_classes, context)
     return UnetrDecoder(params, in_channels, in_strides, num_classes, context)
 
 
