@@ -33,13 +33,13 @@ test: install lint
 demo: install
 	$(PY) -m segframe.demo --data "$(DATA)" --work "$(WORK)" $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)")
 
-# the tables of BENCHMARKS.md (random init, CPU unless a GPU is visible); chase_dice trains nine
-# models (about 2.5 hours on 2 cores; --reuse in benchmarks/chase_dice.py resumes an interrupted run)
+# the tables of BENCHMARKS.md (random init, CPU unless a GPU is visible); vessels.py trains nine
+# models (about 2.5 hours on 2 cores; --reuse in benchmarks/vessels.py resumes an interrupted run)
 bench: install
 	$(PY) benchmarks/overhead.py --write
 	$(PY) benchmarks/finetune_modes.py --write
 	$(PY) benchmarks/decoders.py --write
-	$(PY) benchmarks/chase_dice.py --data "$(DATA)" --work bench_output --write
+	$(PY) benchmarks/vessels.py --data "$(DATA)" --work bench_output --write
 	$(PY) benchmarks/nnunet_step.py --work bench_output --write
 	$(PY) benchmarks/profile_parts.py --work bench_output --write
 	$(PY) benchmarks/window.py --work bench_output --write

@@ -76,7 +76,7 @@ def main() -> None:
     if not args.dataset:
         found = sorted(p.name for p in (work / "nnUNet_preprocessed").glob("Dataset*"))
         if not found:
-            parser.error(f"no preprocessed dataset under {work}: run make demo (or chase_dice.py) first")
+            parser.error(f"no preprocessed dataset under {work}: run make demo (or vessels.py) first")
         args.dataset = found[0]
     device = torch.device(args.device)
     if device.type == "cpu":

@@ -3,8 +3,8 @@
 Run: .venv/bin/python benchmarks/profile_parts.py [--work bench_output] [-m RESULTS_FOLDER ...]
      [-i IMAGE] [--steps 3] [--step_size 0.5] [--write]
 
-Without -m, every results folder chase_dice.py left under WORK, and its first test image. For each
-nnU-Net results folder (segframe's, or the U-Net that chase_dice.py trains, found through
+Without -m, every results folder vessels.py left under WORK, and its first test image. For each
+nnU-Net results folder (segframe's, or the U-Net that vessels.py trains, found through
 benchmarks/trainers; folders this machine trained, so their checkpoints are trusted):
 - train: training steps on random input at the plans' patch and batch size (forward, cross-entropy on
   every output, backward, AdamW; the U-Net with its deep supervision on, as nnU-Net trains it), profiled
@@ -190,13 +190,13 @@ def _top(prof, rows: int = 8) -> str:
 
 def folder_arguments(parser: argparse.ArgumentParser) -> None:
     """--work, -m and -i: the trained results folders and the image a benchmark reads (also window.py)."""
-    parser.add_argument("--work", default=str(ROOT / "bench_output"), help="chase_dice.py's --work")
+    parser.add_argument("--work", default=str(ROOT / "bench_output"), help="vessels.py's --work")
     parser.add_argument("-m", dest="folders", action="append", metavar="RESULTS_FOLDER")
     parser.add_argument("-i", dest="image", help="one image the folders can predict")
 
 
 def folders_and_image(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[Path], Path]:
-    """The results folders (-m, or every one chase_dice.py left under --work) and the image (-i, or the
+    """The results folders (-m, or every one vessels.py left under --work) and the image (-i, or the
     first test image there); nnU-Net's paths set from --work; a parser error for what is missing."""
     work = Path(args.work).resolve()
     for name in ("raw", "preprocessed", "results"):  # nnU-Net warns without them
@@ -204,7 +204,7 @@ def folders_and_image(parser: argparse.ArgumentParser, args: argparse.Namespace)
     found = args.folders or sorted(work.glob("nnUNet_results/Dataset*/*__*__*"))
     folders = [Path(f).resolve() for f in found]
     if not folders:
-        parser.error(f"no results folder under {work}/nnUNet_results: run chase_dice.py or pass -m")
+        parser.error(f"no results folder under {work}/nnUNet_results: run vessels.py or pass -m")
     if args.image is None:
         images = sorted(work.glob("nnUNet_raw/Dataset*/imagesTs/*"))
         if not images:

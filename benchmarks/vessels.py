@@ -2,7 +2,7 @@
 training budget: nnU-Net's own default 2D U-Net (nnUNetTrainer) and segframe ViT rows, in one run, each row
 trained with several seeds and reported as mean ± sd.
 
-Run: .venv/bin/python benchmarks/chase_dice.py [--data ../shared/data/CHASEDB1] [--work bench_output]
+Run: .venv/bin/python benchmarks/vessels.py [--data ../shared/data/CHASEDB1] [--work bench_output]
      [--epochs 12] [--iterations 50] [--seeds 3] [--rows unet upernet segformer upernet+detail ...]
      [--check] [--reuse] [--write [--section NAME]]
 
@@ -71,6 +71,12 @@ from common import ROOT, machine, publish  # noqa: E402
 PATCH = [192, 192]
 DEFAULT_ROWS = ["unet", "upernet+detail", "segformer+detail", "upernet", "unetr", "primus", "linear",
                 "mask2former", "dpt"]
+# nnU-Net's own rows: planner, the plans it writes, the row's label
+UNETS = {
+    "unet": ("ExperimentPlanner", "nnUNetPlans", "nnU-Net default 2D U-Net (PlainConvUNet, nnUNetTrainer)"),
+    "resenc": ("nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans",
+               "nnU-Net ResEnc-M U-Net (ResidualEncoderUNet, nnUNetPlannerResEncM, nnUNetTrainer)"),
+}
 NAMES = {"upernet": "UperNet", "segformer": "SegFormer", "dpt": "DPT", "unetr": "UNETR", "primus": "Primus",
          "linear": "linear", "mask2former": "Mask2Former"}
 
@@ -197,19 +203,24 @@ def row_config(row: str, demo: SegframeConfig) -> tuple[str, SegframeConfig, flo
 
 
 def unet_plans(base: dict, patch: list[int], batch: int, name: str) -> dict:
-    """nnU-Net's 2d plans with the patch set and the U-Net's stages cut so the bottleneck is >= 4 pixels."""
+    """nnU-Net's 2d plans (the default U-Net's or a residual-encoder planner's) with the patch and batch set
+    and the network's stages cut so the bottleneck is >= 4 pixels: every per-stage list of the
+    architecture (features, kernels, strides, convolutions or residual blocks per stage) keeps its first
+    stages, the decoder's lists one fewer."""
     plans = copy.deepcopy(base)
     plans["plans_name"] = name
     cfg = plans["configurations"]["2d"]
     kwargs = cfg["architecture"]["arch_kwargs"]
-    stages = 1
-    while stages < kwargs["n_stages"] and all(p % 2**stages == 0 and p // 2**stages >= 4 for p in patch):
+    n_stages, stages = kwargs["n_stages"], 1
+    while stages < n_stages and all(p % 2**stages == 0 and p // 2**stages >= 4 for p in patch):
         stages += 1
     cfg["patch_size"], cfg["batch_size"] = list(patch), batch
     kwargs["n_stages"] = stages
-    for key in ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage"):
-        kwargs[key] = kwargs[key][:stages]
-    kwargs["n_conv_per_stage_decoder"] = kwargs["n_conv_per_stage_decoder"][: stages - 1]
+    for key, value in kwargs.items():
+        if isinstance(value, list) and len(value) == n_stages:
+            kwargs[key] = value[:stages]
+        elif isinstance(value, list) and len(value) == n_stages - 1:
+            kwargs[key] = value[: stages - 1]
     return plans
 
 
@@ -318,10 +329,18 @@ def run_row(key: str, seed: int, label_config: tuple | None, args: argparse.Name
     results = Path(env["nnUNet_results"]) / dataset.name
     slug = config_tag(key)
     out = work / f"pred_{slug}_s{seed}"
-    if key == "unet":
-        name = "nnUNetPlans_bench_unet"
-        base = json.loads((pre / "nnUNetPlans.json").read_text())
-        (pre / f"{name}.json").write_text(json.dumps(unet_plans(base, PATCH, 2, name), indent=2))
+    if key in UNETS:
+        planner, base_plans, label = UNETS[key]
+        name = f"nnUNetPlans_bench_{key}"
+        if not (pre / f"{base_plans}.json").is_file():  # the residual-encoder planner's own plans
+            _run([_tool("nnUNetv2_plan_experiment"), "-d", dataset_id, "-pl", planner], env)
+        base = json.loads((pre / f"{base_plans}.json").read_text())
+        plans = unet_plans(base, PATCH, 2, name)
+        # 2D data is preprocessed the same way by every planner (spacing 1, the same normalisation): the
+        # residual encoder trains on the default plans' preprocessed files
+        default = json.loads((pre / "nnUNetPlans.json").read_text())["configurations"]["2d"]
+        plans["configurations"]["2d"]["data_identifier"] = default["data_identifier"]
+        (pre / f"{name}.json").write_text(json.dumps(plans, indent=2))
         run_env = dict(
             env,
             nnUNet_extTrainer=str(Path(__file__).parent / "trainers"),
@@ -336,7 +355,6 @@ def run_row(key: str, seed: int, label_config: tuple | None, args: argparse.Name
         predict_s = timed([_tool("nnUNetv2_predict"), "-i", str(images), "-o", str(out), "-d",
                            dataset_id, "-c", "2d", "-tr", "nnUNetTrainerBench", "-p", name, "-f", "0",
                            "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], run_env)
-        label = "nnU-Net default 2D U-Net (PlainConvUNet, nnUNetTrainer)"
         folder = results / f"nnUNetTrainerBench__{name}__2d"
     else:
         label, cfg, step, precision = label_config
@@ -411,7 +429,7 @@ def main() -> None:
     configs = {}
     try:
         for row in dict.fromkeys(args.rows):
-            if row != "unet":
+            if row not in UNETS:
                 configs[row] = row_config(row, demo)
                 ViTSegModel(configs[row][1], in_channels=3, num_classes=2)  # an unbuildable row fails now
     except SegframeError as exc:
@@ -442,7 +460,7 @@ def main() -> None:
                 records.append(json.loads(record.read_text()))
                 print(f"{key} seed {seed}: reused from {record}", flush=True)
                 continue
-            base = split_predict(key)[0]  # "unet" and rows without +stepS, +bf16 are their own base
+            base = split_predict(key)[0]  # "unet", "resenc" and rows without +stepS, +bf16 are their own base
             trained = trained_here.get((base, seed)) if base != key else None
             records.append(run_row(key, seed, configs.get(key), args, env, dataset, work, trained))
             trained_here[(key, seed)] = records[-1]

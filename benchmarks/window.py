@@ -3,7 +3,7 @@
 Run: .venv/bin/python benchmarks/window.py [--work bench_output] [-m RESULTS_FOLDER ...] [-i IMAGE]
      [--rounds 3] [--write]
 
-For each results folder (without -m, every one chase_dice.py left under WORK), one image (the first test
+For each results folder (without -m, every one vessels.py left under WORK), one image (the first test
 image) is predicted as `segframe predict --disable_tta` does (preprocessing, sliding window at tile step
 0.5 with Gaussian weighting, resampling back) by two predictors sharing one network: nnU-Net's
 `nnUNetPredictor`, which cuts the tiles in a producer thread, and `segframe.nnunet.window.SegframePredictor`,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from chase_dice import dataset_info, mean_sd, row_config, section_name, split_predict, table, unet_plans  # noqa: E402
 from common import ROOT, write_section  # noqa: E402
+from vessels import dataset_info, mean_sd, row_config, section_name, split_predict, table, unet_plans  # noqa: E402
 
 from segframe.backbones import default_layers  # noqa: E402
 from segframe.config import load_config  # noqa: E402

@@ -23,7 +23,7 @@ def test_demo_config_is_the_benchmarks_depth6_row():
     from segframe.config import load_config
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from chase_dice import row_config
+    from vessels import row_config
 
     cfg = load_config(demo.DEFAULT_CONFIG)
     assert cfg.train.patch_size == [192, 192] and cfg.model.checkpoint_path == ""

@@ -364,7 +364,7 @@ def test_autocast_bfloat16_on_cpu():
 
 def test_benchmark_rows_for_any_decoder():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from chase_dice import row_config
+    from vessels import row_config
 
     demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     label, cfg, *_ = row_config("upernet+detail+p256", demo)

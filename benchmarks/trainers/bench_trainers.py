@@ -1,4 +1,4 @@
-"""nnU-Net's default trainer with epochs, iterations and seed from the environment (benchmarks/chase_dice.py).
+"""nnU-Net's default trainer with epochs, iterations and seed from the environment (benchmarks/vessels.py).
 
 Found by nnU-Net through `nnUNet_extTrainer` pointing at this folder. `BENCH_SEED` seeds it as
 `train.seed` seeds segframe's trainer (docs/data.md).
