@@ -15,7 +15,9 @@ from segframe.model import ViTSegModel
 from segframe.plugins import DecoderInputs, HeadContext
 
 HIDDEN = 64
-ARCH = {"embed_dim": HIDDEN, "depth": 4, "num_heads": 2}  # the fork reads blocks 0, 1, 2, 3 of 4
+# the fork reads blocks 0..3 of 4; layer scale 1 (not timm's 1e-5) makes them differ, so a
+# mix-up of levels shows
+ARCH = {"embed_dim": HIDDEN, "depth": 4, "num_heads": 2, "init_values": 1.0}
 # GroupNorm of 8, 4, 4, 2 and 1 groups
 CHANNELS = [40, 20, 12, 6, 5]
 
