@@ -6,6 +6,9 @@ per-class logits at full resolution. Its `PatchDecode` is 3D-only and needs a po
 patch; this head is the same module tree with `ConvTranspose2d`, so PatchDecode's weights
 (ConvTranspose3d (..., 2, 2, 1)) copy one to one. A patch that is not a power of two (14) is
 decoded by the next (or previous) power of two; the model's upsampler resizes the logits.
+With `multiscale` set (false or true) it builds MedDINOv3's 2D Primus decoder instead, as the
+older nnU-Net fork does: widths halving at each stage, a 1x1 classifier, on the last level or on
+all levels concatenated, with an optional 1x1 projection to `embed_dim` per level.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
 
 from segframe import ConfigError, DecoderSpec, hookimpl
@@ -29,6 +32,39 @@ class PrimusParams(BaseModel):
         description="for a patch that is not a power of two (14): decode x16 ('up', logits at stride "
         "14/16 = 0.875, resized down to the image) or x8 ('down', stride 1.75, upsampled)",
     )
+    multiscale: bool | None = Field(
+        None,
+        description="null: nnU-Net's PatchDecode on the last level; false / true: MedDINOv3's Primus "
+        "decoder on the last level / on all levels of model.layers concatenated (the fork's layout)",
+    )
+    embed_dim: PositiveInt | None = Field(
+        None,
+        description="MedDINOv3's layout: decoder width per level; when it differs from the tokens' width "
+        "a 1x1 conv projects them (null: the tokens' width, no projection); needs multiscale",
+    )
+    patch_embed_size: PositiveInt | None = Field(
+        None,
+        description="MedDINOv3's layout: the decoder's upsampling factor, a power of two (null: the patch, "
+        "rounded as patch_rounding says); needs multiscale",
+    )
+
+    @model_validator(mode="after")
+    def _meddinov3_keys(self) -> PrimusParams:
+        if self.multiscale is None:
+            names = " and ".join(k for k in ("embed_dim", "patch_embed_size") if getattr(self, k) is not None)
+            if names:
+                raise ValueError(
+                    f"only MedDINOv3's layout reads {names}: set multiscale (false: the last level, true: "
+                    f"all levels concatenated) or remove {names}"
+                )
+        if self.patch_embed_size is not None:
+            if not math.log2(self.patch_embed_size).is_integer() or self.patch_embed_size < 2:
+                raise ValueError(f"patch_embed_size must be a power of two of at least 2, got "
+                                 f"{self.patch_embed_size}")
+            if self.patch_rounding != "up":
+                raise ValueError("patch_rounding has no effect with patch_embed_size (the factor it gives); "
+                                 "remove one of them")
+        return self
 
 
 def decode_factor(stride: float, rounding: str = "up") -> int:
@@ -53,12 +89,15 @@ def channel_schedule(factor: int, embed_dim: int, out_channels: int) -> list[int
 
 
 class PrimusDecoder(nn.Module):
-    """PatchDecode in 2D on the last feature level: (B, D, h, w) -> logits (B, K, f*h, f*w).
+    """Primus' decoder in 2D: (B, D, h, w) -> logits (B, K, f*h, f*w).
 
-    `decode` is PatchDecode's `decode` with ConvTranspose2d: stages 0..n-2 are
-    ConvTranspose(2, s2) - LayerNormNd - GELU, the last is a ConvTranspose(2, s2) to the classes.
-    Weights are initialised as Primus does (He normal, negative slope 0.01, zero biases).
-    `output_stride` is stride / f (1 for patch 16, 0.875 or 1.75 for patch 14).
+    With `multiscale` null, `decode` is nnU-Net's PatchDecode with ConvTranspose2d on the last
+    level: stages 0..n-2 are ConvTranspose(2, s2) - LayerNormNd - GELU, the last is a
+    ConvTranspose(2, s2) to the classes. With `multiscale` false / true it is MedDINOv3's layout on
+    the last level / on all levels concatenated: the optional 1x1 `proj` (to `embed_dim` per level),
+    then log2(f) ConvTranspose(2, s2) - LayerNormNd - GELU stages halving the width, then a 1x1
+    conv to the classes. Weights are initialised as Primus does (He normal, negative slope 0.01,
+    zero biases). `output_stride` is stride / f (1 for patch 16, 0.875 or 1.75 for patch 14).
     """
 
     def __init__(
@@ -71,25 +110,40 @@ class PrimusDecoder(nn.Module):
         stride = in_strides[-1]
         if stride < 2:
             raise ConfigError(f"primus decodes from a stride of at least 2, got {stride} (model.neck)")
-        self.factor = decode_factor(stride, params.patch_rounding)
+        self.factor = params.patch_embed_size or decode_factor(stride, params.patch_rounding)
         self.output_stride = stride / self.factor
         if float(self.output_stride).is_integer():
             self.output_stride = int(self.output_stride)
-        channels = channel_schedule(self.factor, in_channels[-1], num_classes)
+        self.multiscale = bool(params.multiscale)
+        self.proj: nn.Conv2d | None = None
+        if params.multiscale is None:
+            channels = channel_schedule(self.factor, in_channels[-1], num_classes)
+            last: nn.Module = nn.ConvTranspose2d(channels[-2], channels[-1], kernel_size=2, stride=2)
+            channels = channels[:-1]
+        else:
+            levels = in_channels if self.multiscale else in_channels[-1:]
+            width = sum(levels)
+            if params.embed_dim is not None and params.embed_dim != in_channels[-1]:
+                self.proj = nn.Conv2d(width, params.embed_dim * len(levels), kernel_size=1)
+                width = params.embed_dim * len(levels)
+            channels = [width // 2 ** i for i in range(int(math.log2(self.factor)) + 1)]
+            last = nn.Conv2d(channels[-1], num_classes, kernel_size=1)
         stages: list[nn.Module] = [
             nn.Sequential(
                 nn.ConvTranspose2d(channels[s], channels[s + 1], kernel_size=2, stride=2),
                 LayerNormNd(channels[s + 1]),
                 nn.GELU(),
             )
-            for s in range(len(channels) - 2)
+            for s in range(len(channels) - 1)
         ]
-        stages.append(nn.ConvTranspose2d(channels[-2], channels[-1], kernel_size=2, stride=2))
-        self.decode = nn.Sequential(*stages)
+        self.decode = nn.Sequential(*stages, last)
         self.decode.apply(InitWeights_He(1e-2))
+        if self.proj is not None:
+            self.proj.apply(InitWeights_He(1e-2))
 
     def forward(self, inputs: DecoderInputs) -> torch.Tensor:
-        return self.decode(inputs.features[-1])
+        x = torch.cat(inputs.features, dim=1) if self.multiscale else inputs.features[-1]
+        return self.decode(x if self.proj is None else self.proj(x))
 
 
 def build(
