@@ -1,12 +1,14 @@
-"""Vessel Dice, clDice and thin-vessel sensitivity on the test split of CHASE_DB1 (or DRIVE) after the same
-training budget: nnU-Net's own default 2D U-Net (nnUNetTrainer) and segframe ViT rows, in one run, each row
-trained with several seeds and reported as mean ± sd.
+"""Segmentation quality on the test split of a retinal vessel dataset after the same training budget:
+nnU-Net's own U-Nets and segframe ViT rows, in one run, each row trained with several seeds and reported as
+mean ± sd. CHASE_DB1 or DRIVE (binary vessels: Dice, clDice, thin-vessel sensitivity), or LES-AV (arteries
+and veins: A/V Dice, A/V accuracy, each class's Dice, the vessels' Dice and clDice).
 
 Run: .venv/bin/python benchmarks/vessels.py [--data ../shared/data/CHASEDB1] [--work bench_output]
      [--epochs 12] [--iterations 50] [--seeds 3] [--rows unet upernet segformer upernet+detail ...]
      [--check] [--reuse] [--write [--section NAME]]
 
-A row is `unet` (nnU-Net's U-Net) or
+A row is `unet` (nnU-Net's default U-Net), `resenc` (nnU-Net's residual-encoder U-Net, planned by
+`nnUNetPlannerResEncM`, the preset that fits this machine) or
 `DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+unitsA-B-C-D][+srec[W]][+pN][+trainbf16][+valbf16][+stepS]
 [+bf16]` for any installed decoder:
 DINOv3-S with that head (UperNet on the pyramid neck as in configs/demo.yaml, every other head on the identity
@@ -36,12 +38,13 @@ standard deviation) over the runs and how many runs each row has. `--reuse` take
 run finished (work/rows/ROW_sSEED.json). `--write` replaces the dataset's section of BENCHMARKS.md;
 `--section NAME` writes a run of a few rows into a section of its own instead.
 
-Every row trains on fold 0 of the training images (`--data`: a CHASE_DB1 or DRIVE folder, converted as
-`segframe data` does; the table names the dataset and test images actually used) for the same epochs x
+Every row trains on fold 0 of the training images (`--data`: a CHASE_DB1, DRIVE or LES-AV folder, converted
+as `segframe data` does; the table names the dataset and test images actually used) for the same epochs x
 iterations, batch 2, from random initialisation (no weights offline), and predicts the test images
-without mirroring. The U-Net is nnU-Net's planned PlainConvUNet with its stages cut to fit the 192
-patch (what nnU-Net's planner does for that patch: pooling until the bottleneck is at least 4 pixels),
-trained by nnUNetTrainer's SGD/poly schedule; its budget does not change with the rows. Metrics are
+without mirroring. The U-Nets are nnU-Net's planned PlainConvUNet (default planner) and ResidualEncoderUNet
+(ResEnc-M planner) with their stages cut to fit the 192 patch (what nnU-Net's planner does for that patch:
+pooling until the bottleneck is at least 4 pixels), trained by nnUNetTrainer's SGD/poly schedule; their
+budget does not change with the rows. Metrics are
 means over the test images inside the field of view (`segframe evaluate`). The test images are used
 only here: no early stopping, no threshold picked on them. The `val Dice` column is nnU-Net's own
 foreground Dice of its final validation of fold 0 (mirrored, full-image, outside the FOV too): the number
@@ -59,16 +62,20 @@ import sys
 import time
 from pathlib import Path
 
+from segframe.colours import read_dataset
 from segframe.config import DetailConfig, SegframeConfig, dump_config, load_config
 from segframe.demo import _run, _tool, convert, nnunet_env
 from segframe.errors import ConfigError, SegframeError
-from segframe.evaluate import evaluate_folders
+from segframe.evaluate import classes_from_dataset, evaluate_folders
 from segframe.nnunet.plans import config_tag, plans_name, results_folder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ROOT, machine, publish  # noqa: E402
 
 PATCH = [192, 192]
+# LES-AV: nnU-Net's two U-Nets, the CHASE_DB1 row configs/demo.yaml trains, and Mask2Former (the head the
+# older fork's users train on arteries and veins)
+AV_ROWS = ["unet", "resenc", "upernet+depth6+detail+srec0.4", "mask2former"]
 DEFAULT_ROWS = ["unet", "upernet+detail", "segformer+detail", "upernet", "unetr", "primus", "linear",
                 "mask2former", "dpt"]
 # nnU-Net's own rows: planner, the plans it writes, the row's label
@@ -224,6 +231,20 @@ def unet_plans(base: dict, patch: list[int], batch: int, name: str) -> dict:
     return plans
 
 
+def is_lesav(data: str) -> bool:
+    """Whether `data` is an LES-AV folder (arteries and veins) rather than CHASE_DB1 or DRIVE."""
+    return bool(data) and (Path(data) / "arteries-and-veins").is_dir()
+
+
+def convert_data(data: str, raw: Path) -> tuple[Path, str]:
+    """The benchmark's dataset (LES-AV as `segframe data lesav`, else as the demo converts) and its source."""
+    if is_lesav(data):
+        from segframe.data.lesav import convert_lesav
+
+        return convert_lesav(data, raw), f"LES-AV from {data}"
+    return convert(data, raw)
+
+
 def timed(cmd: list[str], env: dict) -> float:
     start = time.perf_counter()
     _run(cmd, env)
@@ -231,8 +252,13 @@ def timed(cmd: list[str], env: dict) -> float:
 
 
 # dataset.json names that read better in a title
-DISPLAY = {"CHASEDB1": "CHASE_DB1"}
+DISPLAY = {"CHASEDB1": "CHASE_DB1", "LESAV": "LES-AV"}
 METRICS = ("dice", "cldice", "thin_sensitivity", "iou", "sensitivity", "specificity", "accuracy")
+# the artery/vein table (a dataset of several classes, `segframe evaluate`'s keys): header -> key; each
+# class's own Dice follows A/V acc.
+AV_COLUMNS = {"A/V Dice": "av_dice", "A/V acc.": "av_accuracy", "artery sens.": "av_artery_sensitivity",
+              "vein sens.": "av_vein_sensitivity"}
+VESSEL_COLUMNS = {"vessel Dice": "vessel_dice", "vessel clDice": "vessel_cldice"}
 
 
 def dataset_info(dataset: Path, preprocessed: Path) -> dict:
@@ -265,7 +291,7 @@ def summarise(records: list[dict]) -> list[dict]:
     """The runs grouped by row (first-seen order): label, params, the seeds, and every number's runs."""
     rows: dict[str, dict] = {}
     for r in records:
-        empty = {"seeds": [], "val_dice": [], "train_s": [], "predict_s": [], **{m: [] for m in METRICS}}
+        empty = {"seeds": [], "val_dice": [], "train_s": [], "predict_s": [], **{m: [] for m in r["metrics"]}}
         row = rows.setdefault(r["row"], {"row": r["row"], "label": r["label"], "params": r["params"],
                                          **empty})
         row["seeds"].append(r["seed"])
@@ -273,19 +299,43 @@ def summarise(records: list[dict]) -> list[dict]:
             row["val_dice"].append(r["val_dice"])
         row["train_s"].append(r["train_s"])
         row["predict_s"].append(r["predict_s"])
-        for m in METRICS:
-            row[m].append(r["metrics"][m])
+        for m, value in r["metrics"].items():
+            row[m].append(value)
     return list(rows.values())
+
+
+def columns(records: list[dict]) -> dict[str, str]:
+    """The table's metric columns, header -> key: the vessel metrics of a binary dataset, or for
+    arteries and veins the A/V scores, each class's Dice (`CLASS_dice` of `segframe evaluate`) and the
+    vessels' union."""
+    keys = records[0]["metrics"]
+    if "av_dice" not in keys:
+        return dict(zip(("Dice", "clDice", "thin sens.", "IoU", "sensitivity", "specificity", "accuracy"),
+                        METRICS, strict=True))
+    classes = [k.removesuffix("_dice") for k in keys
+               if k.endswith("_dice") and not k.startswith(("av_", "vessel_", "mean_"))]
+    return {**AV_COLUMNS, **{f"{c} Dice": f"{c}_dice" for c in classes}, **VESSEL_COLUMNS}
 
 
 def table(records: list[dict], args: argparse.Namespace, source: str, info: dict) -> list[str]:
     """The markdown table of the runs measured so far: one line per row, mean ± sd over its runs."""
     rows = summarise(records)
+    metric_columns = columns(records)
+    av = "av_dice" in records[0]["metrics"]
     counts = [len(r["seeds"]) for r in rows]
     runs = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
     val = f"{info['val']} images" if info["val"] is not None else "its validation images"
+    what = "Arteries and veins" if av else "Vessel Dice"
+    scores = (
+        "A/V Dice: the mean of artery and vein Dice (a crossing counts as both; uncertain pixels left out); "
+        "A/V acc.: on reference vessel pixels the prediction also marks as artery or vein, the share given "
+        "the right type (artery / vein sens.: the same for each); a class's Dice: that label alone; vessel "
+        "Dice and clDice: every vessel class as one (docs/data.md). val Dice: nnU-Net's mean foreground "
+        "Dice of fold 0's final validation, the number to choose settings on. " if av else
+        "clDice: centerline Dice (Shit et al., CVPR 2021); thin sens.: recall of reference vessel "
+        "pixels of local width <= 2 px (docs/data.md). ")
     lines = [
-        f"## Vessel Dice on {info['name']} after the same budget ({args.epochs} epochs x {args.iterations} "
+        f"## {what} on {info['name']} after the same budget ({args.epochs} epochs x {args.iterations} "
         f"iterations, patch {PATCH[0]}x{PATCH[1]} unless the row says otherwise, batch 2, random init, CPU; "
         + ("one seeded run per row)" if runs == "1" else f"mean ± sd over {runs} seeded runs per row)"),
         "",
@@ -295,13 +345,11 @@ def table(records: list[dict], args: argparse.Namespace, source: str, info: dict
         f"prediction. Each row was trained `runs` times with train.seed 0, 1, ... (docs/data.md: what a seed "
         f"fixes); a cell is the mean ± the sample standard deviation over those runs. Train time includes "
         f"nnU-Net's final validation of fold 0 ({val}, mirrored); a time's (1.08x) is its mean over the "
-        "U-Net's. clDice: centerline Dice (Shit et al., CVPR 2021); thin sens.: recall of reference vessel "
-        "pixels of local width <= 2 px (docs/data.md). "
-        "`+ detail`: model.detail with its defaults (docs/detail.md).",
+        "default U-Net's. " + scores + "`+ detail`: model.detail with its defaults (docs/detail.md).",
         "",
-        "| model | runs | params (M) | train (s) | predict (s) | val Dice | Dice | clDice | thin sens. | IoU "
-        "| sensitivity | specificity | accuracy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | runs | params (M) | train (s) | predict (s) | val Dice | "
+        + " | ".join(metric_columns) + " |",
+        "|---|" + "---:|" * (5 + len(metric_columns)),
     ]
     unet = {key: statistics.fmean(row[key]) for row in rows if row["row"] == "unet"
             for key in ("train_s", "predict_s")}
@@ -313,7 +361,7 @@ def table(records: list[dict], args: argparse.Namespace, source: str, info: dict
     for r in rows:
         cells = [r["label"], str(len(r["seeds"])), f"{r['params'] / 1e6:.1f}", time_cell(r, "train_s"),
                  time_cell(r, "predict_s"), mean_sd(r["val_dice"], 4) if r["val_dice"] else "",
-                 *(mean_sd(r[m], 4) for m in METRICS)]
+                 *(mean_sd(r[m], 4) for m in metric_columns.values())]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -381,7 +429,9 @@ def run_row(key: str, seed: int, label_config: tuple | None, args: argparse.Name
     weights = torch.load(checkpoint, map_location="cpu", weights_only=False)
     params = sum(v.numel() for k, v in weights["network_weights"].items()
                  if v.is_floating_point() and "running_" not in k)
-    metrics = evaluate_folders(out, refs, fov)["mean"]
+    labels = dataset / "dataset.json"  # several classes: scored per class and as arteries and veins
+    classes = classes_from_dataset(read_dataset(labels), str(labels))
+    metrics = evaluate_folders(out, refs, fov, classes)["mean"]
     summary = folder / "fold_0" / "validation" / "summary.json"
     val_dice = json.loads(summary.read_text())["foreground_mean"]["Dice"] if summary.is_file() else None
     return {"row": key, "seed": seed, "label": label, "params": params, "train_s": train_s,
@@ -392,17 +442,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     default_data = ROOT.parent / "shared" / "data" / "CHASEDB1"
     parser.add_argument("--data", default=str(default_data) if default_data.is_dir() else "",
-                        help="a CHASE_DB1 or DRIVE folder (default: ../shared/data/CHASEDB1)")
+                        help="a CHASE_DB1, DRIVE or LES-AV folder (default: ../shared/data/CHASEDB1)")
     parser.add_argument("--work", default=str(ROOT / "bench_output"))
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--val-iterations", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=1, metavar="N",
                         help="train every row N times, with train.seed 0..N-1; the table gives mean ± sd")
-    parser.add_argument("--rows", "--only", nargs="+", default=DEFAULT_ROWS, metavar="ROW",
-                        help="unet, or DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+unitsA-B-C-D][+srec[W]]"
-                             "[+pN][+trainbf16][+valbf16][+stepS][+bf16] for any installed decoder "
-                             "(see the docstring)")
+    parser.add_argument("--rows", "--only", nargs="+", metavar="ROW",
+                        help="unet, resenc, or DECODER[+hN][+depthD][+detail[N|A-B-C-D]][+unitsA-B-C-D]"
+                             "[+srec[W]][+pN][+trainbf16][+valbf16][+stepS][+bf16] for any installed decoder "
+                             "(see the docstring); default: the U-Net and eight ViT rows, or for LES-AV "
+                             + " ".join(AV_ROWS))
     parser.add_argument("--check", action="store_true", help="build every row's model, then exit")
     parser.add_argument("--reuse", action="store_true",
                         help="take the runs an interrupted run finished (work/rows/ROW_sSEED.json, one per "
@@ -415,6 +466,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    args.rows = args.rows or (AV_ROWS if is_lesav(args.data) else DEFAULT_ROWS)
     if args.section is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", args.section):
         parser.error(f"--section {args.section!r}: use lowercase letters, digits and '-'")
 
@@ -442,7 +494,7 @@ def main() -> None:
 
     work = Path(args.work).resolve()
     env = nnunet_env(work)
-    dataset, source = convert(args.data, Path(env["nnUNet_raw"]))
+    dataset, source = convert_data(args.data, Path(env["nnUNet_raw"]))
     dataset_id = dataset.name[7:10]
     pre = Path(env["nnUNet_preprocessed"]) / dataset.name
     if not (pre / "nnUNetPlans.json").is_file():

@@ -87,6 +87,46 @@ def test_table_header_and_rows_from_records():
     assert section_name({**info, "name": "CHASE_DB1"}) == "chase-dice-cpu"
 
 
+def test_resenc_plans_cut_their_residual_blocks_too():
+    # nnUNetPlannerResEncM's 2d architecture: residual blocks per encoder stage, convs per decoder stage
+    kwargs = {"n_stages": 7, "features_per_stage": [32, 64, 128, 256, 512, 512, 512],
+              "kernel_sizes": [[3, 3]] * 7, "strides": [[1, 1]] + [[2, 2]] * 6,
+              "n_blocks_per_stage": [1, 3, 4, 6, 6, 6, 6], "n_conv_per_stage_decoder": [1] * 6,
+              "conv_bias": True, "norm_op_kwargs": {"eps": 1e-05}}
+    base = {"plans_name": "nnUNetResEncUNetMPlans", "configurations": {"2d": {
+        "patch_size": [1536, 1536], "batch_size": 12, "architecture": {"arch_kwargs": kwargs}}}}
+    arch = unet_plans(base, [192, 192], 2, "cut")["configurations"]["2d"]["architecture"]["arch_kwargs"]
+    assert arch["n_stages"] == 6 and arch["n_blocks_per_stage"] == [1, 3, 4, 6, 6, 6]
+    assert arch["n_conv_per_stage_decoder"] == [1] * 5 and arch["features_per_stage"][-1] == 512
+    assert arch["conv_bias"] is True and arch["norm_op_kwargs"] == {"eps": 1e-05}
+
+
+def _av_record(row, seed, av_dice, accuracy, train_s):
+    metrics = {"artery_dice": 0.6, "vein_dice": 0.7, "crossing_dice": 0.1, "mean_dice": 0.4667,
+               "av_accuracy": accuracy, "av_artery_sensitivity": 0.8, "av_vein_sensitivity": 0.9,
+               "av_artery_dice": 0.62, "av_vein_dice": 0.72, "av_dice": av_dice, "vessel_dice": 0.75,
+               "vessel_cldice": 0.7}
+    return {"row": row, "seed": seed, "label": row, "params": 1_000_000, "train_s": train_s,
+            "predict_s": 50.0, "val_dice": None, "metrics": metrics}
+
+
+def test_artery_vein_table_names_the_dataset_and_its_columns():
+    records = [_av_record("unet", 0, 0.60, 0.80, 100.0), _av_record("unet", 1, 0.64, 0.84, 120.0),
+               _av_record("mask2former", 0, 0.70, 0.90, 55.0)]
+    info = {"name": "LES-AV", "description": "LES-AV retinal arteries and veins", "test": 11, "val": 3}
+    lines = table(records, argparse.Namespace(epochs=12, iterations=50), "LES-AV from /data", info)
+    assert lines[0].startswith("## Arteries and veins on LES-AV after the same budget (12 epochs x 50")
+    header = next(line for line in lines if line.startswith("| model")).split(" | ")
+    assert header[6:] == ["A/V Dice", "A/V acc.", "artery sens.", "vein sens.", "artery Dice", "vein Dice",
+                          "crossing Dice", "vessel Dice", "vessel clDice |"]
+    rows = [line for line in lines if line.startswith("| unet") or line.startswith("| mask2former")]
+    # the U-Net: A/V Dice mean 0.62, sd sqrt(((-0.02)^2 + 0.02^2) / 1) = 0.0283; train 110 ± 14
+    assert rows[0].startswith("| unet | 2 | 1.0 | 110 ± 14 | 50 ± 0 |  | 0.6200 ± 0.0283 | 0.8200 ± 0.0283 |")
+    # Mask2Former's train time over the U-Net's mean: 55 / 110 = 0.50x
+    assert rows[1].startswith("| mask2former | 1 | 1.0 | 55 (0.50x) | 50 (1.00x) |  | 0.7000 | 0.9000 |")
+    assert "A/V Dice: the mean of artery and vein Dice" in "\n".join(lines)
+
+
 def test_dataset_info_reads_the_converted_data(tmp_path):
     dataset, pre = tmp_path / "Dataset501_DRIVE", tmp_path / "pre"
     dataset.mkdir(), pre.mkdir()
