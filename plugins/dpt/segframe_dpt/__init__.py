@@ -52,6 +52,10 @@ class DPTParams(BaseModel):
         "(4 = transposed conv x4, 0.5 = conv stride 2)",
     )
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout before the head's classifier")
+    use_batch_norm_in_fusion_residual: bool = Field(
+        False, description="BatchNorm after each conv of the fusion stage's residual units (their convs "
+        "then have no bias), as the older nnU-Net fork built DPT",
+    )
     auxiliary_head: bool = Field(
         False, description="add DPT's auxiliary head; its training-time logits are in `auxiliary_logits`"
     )
@@ -93,15 +97,16 @@ def init_weights(module: nn.Module, std: float) -> None:
 class DPTDecoder(nn.Module):
     """DPT neck + segmentation head on the backbone's levels (identity neck) and their CLS tokens.
 
-    forward(DecoderInputs) -> logits (B, num_classes, s*h, s*w) for a token grid h x w, where
-    s = reassemble_factors[-1] * 2 ** (levels + 1) (16 for the defaults), so `output_stride` is
-    patch / s: 1 for patch 16, 0.875 for patch 14 (the model then resizes down to the image).
-    On odd grids the 0.5-factor level comes out at ceil(h/2) and transformers resizes each
-    level to the fused map it joins; the logits are then resized to exactly s*h x s*w.
+    forward(DecoderInputs) -> logits for a token grid h x w. The neck and head end at s x the grid,
+    s = reassemble_factors[-1] * 2 ** (levels + 1) (16 for the defaults). Logits finer than the
+    image (s > patch: patch 14) are resized once to the padded image (`output_stride` 1), else
+    they keep s*h x s*w (`output_stride` patch / s: 1 for patch 16). On odd grids the 0.5-factor
+    level comes out at ceil(h/2), transformers resizes each level to the fused map it joins, and
+    the logits are resized to exactly that size.
 
     `inputs` is {"prefix_tokens"} for readout add/project and empty for `ignore` (no CLS token
     is computed). With `auxiliary_head`, a training-mode forward also stores transformers'
-    DPTAuxiliaryHead logits (on the last fused map, stride `auxiliary_stride` = 2 * output_stride)
+    DPTAuxiliaryHead logits (on the last fused map, stride `auxiliary_stride` = 2 * patch / s)
     in `auxiliary_logits`; the trainer adds `auxiliary_loss_weight` times their loss. In eval
     mode it is None.
     """
@@ -152,6 +157,7 @@ class DPTDecoder(nn.Module):
             num_labels=num_classes,
             semantic_classifier_dropout=params.dropout,
             use_auxiliary_head=params.auxiliary_head,
+            use_batch_norm_in_fusion_residual=params.use_batch_norm_in_fusion_residual,
             auxiliary_loss_weight=params.auxiliary_loss_weight,
         )
         self.neck = DPTNeck(config)
@@ -166,7 +172,9 @@ class DPTDecoder(nn.Module):
         self.inputs = frozenset() if params.readout == "ignore" else frozenset({"prefix_tokens"})
         # each fusion layer and the head upsample x2, starting from the last level's map
         self.scale = factors[-1] * 2 ** (levels + 1)
-        self.output_stride = _stride(context.patch_size / self.scale)
+        # never finer than the image: one resize straight to it, not two (as the fork's DPT on patch 14)
+        self.logits_scale = min(self.scale, context.patch_size)
+        self.output_stride = _stride(context.patch_size / self.logits_scale)
         self.auxiliary_stride = _stride(context.patch_size / self.scale * 2)
         init_weights(self, config.initializer_range)
 
@@ -191,7 +199,7 @@ class DPTDecoder(nn.Module):
             self.auxiliary_logits = self._at_scale(self.auxiliary_head(fused[-1]), self.scale / 2, grid)
         else:
             self.auxiliary_logits = None
-        return self._at_scale(self.head(fused), self.scale, grid)
+        return self._at_scale(self.head(fused), self.logits_scale, grid)
 
 
 def build(

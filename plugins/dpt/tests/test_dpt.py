@@ -130,10 +130,11 @@ def test_readout_ignore_needs_no_cls_token():
 
 
 @pytest.mark.parametrize("patch", [16, 14])
-def test_odd_grid_resized_to_exact_stride(patch):
+def test_odd_grid_resized_once_to_the_image(patch):
     """On an odd grid the 0.5-factor level is ceil(h/2); transformers resizes each level to the fused
-    map it joins and ends at 16 * even(h); the head resizes that to exactly 16 h. Patch 14 only
-    changes the stride in pixels (14/16), never the factors on the token grid (smp issue 1328)."""
+    map it joins and ends at 16 * even(h); the head resizes that once to the padded image, p h (16 h
+    for patch 16, 14 h for patch 14). Patch 14 changes only that last resize, never the factors on the
+    token grid (smp issue 1328)."""
     reference = reference_model("project")
     head = head_like(reference, patch)
     tokens = [torch.randn(1, 1 + 3 * 5, D) for _ in range(4)]
@@ -141,20 +142,26 @@ def test_odd_grid_resized_to_exact_stride(patch):
         theirs = reference.head(reference.neck(tokens, 3, 5))
         ours = head(split(tokens, 3, 5))
     assert theirs.shape[-2:] == (64, 96)
-    expected = F.interpolate(theirs, size=(48, 80), mode="bilinear", align_corners=False)
+    expected = F.interpolate(theirs, size=(3 * patch, 5 * patch), mode="bilinear", align_corners=False)
     assert ours.shape == expected.shape and (ours - expected).abs().max() < 1e-5
-    assert head.output_stride == patch / 16
+    assert head.output_stride == 1
 
 
 def test_output_stride_follows_the_factors():
+    """patch / scale, but never below 1: logits finer than the image are resized to it."""
     params = DPTParams(neck_hidden_sizes=[8] * 3, reassemble_factors=[2, 1, 1], hidden_size=8)
     head = build(params, [D] * 3, [14] * 3, 2, context(14, num_levels=3))
-    assert head.scale == 16 and head.output_stride == 0.875
+    assert head.scale == 16 and head.output_stride == 1
+    params = DPTParams(neck_hidden_sizes=[8] * 3, reassemble_factors=[1, 0.5, 0.5], hidden_size=8)
+    head = build(params, [D] * 3, [16] * 3, 2, context(num_levels=3))
+    assert head.scale == 8 and head.output_stride == 2
+    out = head.eval()(split([torch.randn(1, 1 + 6, D) for _ in range(3)], 2, 3))
+    assert out.shape[-2:] == (16, 24)
     params = DPTParams(neck_hidden_sizes=[8] * 4, reassemble_factors=[4, 2, 1, 1], hidden_size=8)
     head = build(params, [D] * 4, [16] * 4, 2, context())
-    assert head.output_stride == 0.5
+    assert head.scale == 32 and head.output_stride == 1
     out = head.eval()(split([torch.randn(1, 1 + 6, D) for _ in range(4)], 2, 3))
-    assert out.shape[-2:] == (64, 96)
+    assert out.shape[-2:] == (32, 48)
 
 
 def test_weights_are_initialised_as_transformers_does():
@@ -232,8 +239,8 @@ def test_model_reads_the_real_cls_token(backbone, params):
     assert tokens[0].shape[1] == 1 + h * w
     with torch.no_grad():
         theirs = m.decoder.head(m.decoder.neck(tokens, h, w))
-    theirs = F.interpolate(theirs, size=(16 * h, 16 * w), mode="bilinear", align_corners=False) \
-        if theirs.shape[-2:] != (16 * h, 16 * w) else theirs
+    theirs = F.interpolate(theirs, size=(p * h, p * w), mode="bilinear", align_corners=False) \
+        if theirs.shape[-2:] != (p * h, p * w) else theirs
     assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-5
 
 
