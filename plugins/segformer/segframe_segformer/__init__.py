@@ -2,10 +2,13 @@
 
 The head is written here rather than imported, because transformers' `SegformerDecodeHead`
 changed class and state-dict layout between 4.x and 5.x; a test checks it against the
-installed transformers head with copied weights.
+installed transformers head with copied weights. `variant` also builds the two other heads the
+older nnU-Net fork trained under the SegFormer name (`progressive`, `full_resolution`).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +17,8 @@ from torch import nn
 
 from segframe import ConfigError, DecoderSpec, hookimpl
 
+Variant = Literal["standard", "progressive", "full_resolution"]
+
 
 class SegformerParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -21,13 +26,71 @@ class SegformerParams(BaseModel):
     hidden_size: PositiveInt = Field(
         256, description="channels every level is projected to, and of the fuse conv"
     )
-    dropout: float = Field(0.1, ge=0, lt=1, description="channel dropout (Dropout2d) before the classifier")
+    dropout: float = Field(
+        0.1, ge=0, lt=1, description="dropout before the classifier (and Dropout2d in each progressive stage)"
+    )
+    dropout_type: Literal["channel", "element"] = Field(
+        "channel",
+        description="the dropout before the classifier: channel (Dropout2d, mmseg's SegFormer head) or "
+        "element (Dropout, transformers' SegformerDecodeHead, which the older nnU-Net fork used)",
+    )
+    variant: Variant = Field(
+        "standard",
+        description="standard: logits at the first level's stride (the fork's model_segformer_0); "
+        "progressive: hidden_size features, two learned x2 stages, then the classifier, logits at a "
+        "quarter of that stride (model_segformer_1); full_resolution: the fused map resized to the "
+        "padded image before BN, ReLU and the classifier, logits at stride 1 (model_segformer_2)",
+    )
+
+
+def _norm_groups(channels: int) -> int:
+    """GroupNorm groups of a progressive stage: the largest of 32, 16, 8, 4, 2, 1 that divides the width."""
+    return next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+
+
+class ProgressiveStages(nn.Module):
+    """Learned x2 stages on the fused features, then a 1x1 classifier (`variant: progressive`).
+
+    Each stage: bilinear x2, conv3x3-GN-ReLU-Dropout2d-conv3x3-GN-ReLU (convs without bias); widths
+    `channels`, then halved per stage, never below 32. The classifier runs at the last stage's
+    resolution: a 1x1 conv commutes with the model's final bilinear resize (its weights sum to 1),
+    so this equals classifying after the resize, at a fraction of the cost.
+    """
+
+    def __init__(self, channels: int, num_classes: int, dropout: float, num_stages: int = 2):
+        super().__init__()
+        widths = [channels] + [max(channels >> i, 32) for i in range(num_stages)]
+        self.stages = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(c_in, c, kernel_size=3, padding=1, bias=False),
+                nn.GroupNorm(_norm_groups(c), c),
+                nn.ReLU(inplace=True),
+                nn.Dropout2d(dropout),
+                nn.Conv2d(c, c, kernel_size=3, padding=1, bias=False),
+                nn.GroupNorm(_norm_groups(c), c),
+                nn.ReLU(inplace=True),
+            )
+            for c_in, c in zip(widths, widths[1:], strict=False)
+        )
+        self.seg_head = nn.Conv2d(widths[-1], num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+        return self.seg_head(x)
 
 
 class SegformerDecoder(nn.Module):
     """Project each level to `hidden_size` (a linear map per pixel), resize all to the first
     level, concatenate (deepest first, as the original), fuse with 1x1 conv + BN + ReLU,
-    dropout, 1x1 classifier. Logits come at the first level's resolution (`output_stride`).
+    dropout (`dropout_type`), 1x1 classifier. Logits come at the first level's resolution (`output_stride`).
+
+    `variant: progressive`: the classifier gives `hidden_size` channels, and `ProgressiveStages`
+    (two x2 stages + a 1x1 classifier) give logits at a quarter of the first level's stride.
+    `variant: full_resolution`: the fused map (before BN) is resized to the padded image, then BN,
+    ReLU, dropout and the classifier run there: logits at stride 1. Projections, resize and the
+    fuse conv are linear and the resize's weights sum to 1, so this equals resizing every level
+    to the image before the head, as the fork's model_segformer_2 does, at a fraction of the cost.
     """
 
     def __init__(
@@ -39,17 +102,25 @@ class SegformerDecoder(nn.Module):
                 f"segformer needs one stride per feature level, got {in_channels} / {in_strides}"
             )
         d = params.hidden_size
-        self.output_stride = in_strides[0]
+        self.variant = params.variant
+        self.first_stride = in_strides[0]
+        quarter = in_strides[0] / 4
+        quarter = int(quarter) if quarter.is_integer() else quarter
+        self.output_stride = {"standard": in_strides[0], "progressive": quarter, "full_resolution": 1}[
+            params.variant]
         self.projections = nn.ModuleList(nn.Conv2d(c, d, kernel_size=1) for c in in_channels)
         self.fuse = nn.Conv2d(d * len(in_channels), d, kernel_size=1, bias=False)
         self.norm = nn.BatchNorm2d(d)
         self.activation = nn.ReLU()
-        self.dropout = nn.Dropout2d(params.dropout)
-        self.classifier = nn.Conv2d(d, num_classes, kernel_size=1)
+        self.dropout = (nn.Dropout2d if params.dropout_type == "channel" else nn.Dropout)(params.dropout)
+        progressive = params.variant == "progressive"
+        self.classifier = nn.Conv2d(d, d if progressive else num_classes, kernel_size=1)
+        self.upsampler = ProgressiveStages(d, num_classes, params.dropout) if progressive else None
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # SegFormer: truncated N(0, 0.02) for the MLPs; mmseg: Kaiming for conv+BN, N(0, 0.01) classifier
+        # SegFormer: truncated N(0, 0.02) for the MLPs; mmseg: Kaiming for conv+BN, N(0, 0.01) classifier;
+        # the progressive stages keep PyTorch's defaults, as the fork's
         for proj in self.projections:
             nn.init.trunc_normal_(proj.weight, std=0.02)
             nn.init.zeros_(proj.bias)
@@ -65,8 +136,12 @@ class SegformerDecoder(nn.Module):
             F.interpolate(proj(f), size=size, mode="bilinear", align_corners=False)
             for proj, f in zip(self.projections, features, strict=True)
         ]
-        x = self.activation(self.norm(self.fuse(torch.cat(levels[::-1], dim=1))))
-        return self.classifier(self.dropout(x))
+        x = self.fuse(torch.cat(levels[::-1], dim=1))
+        if self.variant == "full_resolution":
+            image = [round(s * self.first_stride) for s in size]
+            x = F.interpolate(x, size=image, mode="bilinear", align_corners=False)
+        x = self.classifier(self.dropout(self.activation(self.norm(x))))
+        return x if self.upsampler is None else self.upsampler(x)
 
 
 def build(
