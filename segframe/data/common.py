@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -27,6 +28,7 @@ EXTRA_FOLDERS = {
     "fovTr": "field-of-view masks of the training images (0/1 PNG)",
     "fovTs": "field-of-view masks of the test images (0/1 PNG)",
 }
+MULTI_CLASS_REFERENCE = "reference label maps of the test images (values as in labels)"
 
 
 class DataError(SegframeError):
@@ -35,12 +37,13 @@ class DataError(SegframeError):
 
 @dataclass
 class Case:
-    """One image with its masks, all (H, W[, 3]) arrays; `label2` is a second observer's mask or None."""
+    """One image with its masks, all (H, W[, 3]) arrays; `fov` may be None (no FOV masks), `label2` is
+    a second observer's mask or None."""
 
     name: str
     image: np.ndarray
     label: np.ndarray
-    fov: np.ndarray
+    fov: np.ndarray | None
     label2: np.ndarray | None = None
 
 
@@ -56,6 +59,18 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
     if not 1 <= dataset_id <= 999:
         raise DataError(f"dataset id must be between 1 and 999, got {dataset_id}")
     return f"Dataset{dataset_id:03d}_{name}"
+
+
+def check_free(root: Path, dataset_id: int, name: str) -> Path:
+    """The dataset folder `<root>/DatasetXXX_<name>`; an error when another name holds the id."""
+    folder_name = dataset_folder_name(dataset_id, name)
+    clash = sorted(p.name for p in root.glob(f"Dataset{dataset_id:03d}_*") if p.name != folder_name)
+    if clash:
+        raise DataError(
+            f"{root} already holds {', '.join(clash)} with id {dataset_id}; "
+            f"choose another --dataset-id or move that folder away"
+        )
+    return root / folder_name
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -82,33 +97,40 @@ def write_dataset(
     description: str = "",
     reference: str = "",
     licence: str = "",
+    labels: dict[str, int | list[int]] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write `<root>/DatasetXXX_<name>` and return its path.
 
     Training cases go to imagesTr/labelsTr (+ fovTr), test cases to imagesTs (+ labelsTs,
-    labelsTs_2nd, fovTs). Labels are {background: 0, vessel: 1}; images are RGB PNGs that
-    nnU-Net scales to 0-1 (`rgb_to_0_1`). Another folder with the same id but a different
-    name is an error (nnU-Net could not tell them apart); it is never removed.
+    labelsTs_2nd, fovTs); a case without a FOV mask writes none. Without `labels` the labels
+    are {background: 0, vessel: 1} and every nonzero label pixel is vessel; with `labels`
+    (dataset.json's `labels`: name -> value, or -> list of values for a region) the label
+    maps are written as given and must hold no value above the highest one named. `extra`
+    adds keys to dataset.json. Images are RGB PNGs that nnU-Net scales to 0-1 (`rgb_to_0_1`).
+    Another folder with the same id but a different name is an error (nnU-Net could not
+    tell them apart); it is never removed.
     """
     root = Path(root)
-    folder_name = dataset_folder_name(dataset_id, name)
-    final = root / folder_name
+    final = check_free(root, dataset_id, name)
+    folder_name = final.name
     root.mkdir(parents=True, exist_ok=True)
-    clash = sorted(p.name for p in root.glob(f"Dataset{dataset_id:03d}_*") if p.name != folder_name)
-    if clash:
-        raise DataError(
-            f"{root} already holds {', '.join(clash)} with id {dataset_id}; "
-            f"choose another --dataset-id or move that folder away"
-        )
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}.", dir=root))
     try:
+        top = int(max(np.max(v) for v in labels.values())) if labels else 1
         n_train = n_test = 0
         for split, cases in (("Tr", train), ("Ts", test)):
             for case in cases:
                 check_case(case)
+                label = case.label > 0 if labels is None else case.label
+                if label.size and int(label.max()) > top:
+                    raise DataError(f"{case.name}: label value {int(label.max())} is above the highest "
+                                    f"label in dataset.json ({top})")
                 _save_png(case.image, _dir(tmp, f"images{split}") / f"{case.name}_0000.png")
-                _save_png(case.label > 0, _dir(tmp, f"labels{split}") / f"{case.name}.png")
-                _save_png(case.fov > 0, _dir(tmp, f"fov{split}") / f"{case.name}.png")
+                _save_png(label.astype(np.uint8 if top < 256 else np.uint16),
+                          _dir(tmp, f"labels{split}") / f"{case.name}.png")
+                if case.fov is not None:
+                    _save_png(case.fov > 0, _dir(tmp, f"fov{split}") / f"{case.name}.png")
                 if split == "Ts" and case.label2 is not None:
                     _save_png(case.label2 > 0, _dir(tmp, "labelsTs_2nd") / f"{case.name}.png")
                 if split == "Tr":
@@ -120,7 +142,7 @@ def write_dataset(
         dataset_json = {
             # one RGB PNG per case is three input channels to nnU-Net, each scaled by 1/255
             "channel_names": {"0": "rgb_to_0_1", "1": "rgb_to_0_1", "2": "rgb_to_0_1"},
-            "labels": {"background": 0, "vessel": 1},
+            "labels": labels or {"background": 0, "vessel": 1},
             "numTraining": n_train,
             "file_ending": ".png",
             "name": name,
@@ -129,7 +151,10 @@ def write_dataset(
             "licence": licence,
             "numTest": n_test,
             "extra_folders": {k: v for k, v in EXTRA_FOLDERS.items() if (tmp / k).is_dir()},
+            **(extra or {}),
         }
+        if labels and "labelsTs" in dataset_json["extra_folders"]:
+            dataset_json["extra_folders"]["labelsTs"] = MULTI_CLASS_REFERENCE
         (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=2) + "\n")
         tmp.chmod(0o755)
         _replace(tmp, final)
