@@ -35,7 +35,7 @@ class PrimusParams(BaseModel):
     multiscale: bool | None = Field(
         None,
         description="null: nnU-Net's PatchDecode on the last level; false / true: MedDINOv3's Primus "
-        "decoder on the last level / on all levels of model.layers concatenated (the fork's layout)",
+        "decoder on the last level / on all levels of model.layers concatenated (the older nnU-Net fork's)",
     )
     embed_dim: PositiveInt | None = Field(
         None,

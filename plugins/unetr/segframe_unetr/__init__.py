@@ -40,16 +40,17 @@ class UnetrParams(BaseModel):
     )
     decoder_channels: Annotated[list[PositiveInt], Field(min_length=5, max_length=5)] | None = Field(
         None,
-        description="five widths, deep to shallow (the fork's default [512, 256, 128, 64, 32]): build the "
-        "configurable decoder instead of MONAI's (null: MONAI's, set by the four keys above)",
+        description="five widths, deep to shallow (the older nnU-Net fork's default: [512, 256, 128, 64, "
+        "32]): build that fork's configurable decoder instead of MONAI's (null: MONAI's, set by the four "
+        "keys above)",
     )
     negative_slope: NonNegativeFloat | None = Field(
         None, description="LeakyReLU slope of the configurable decoder (null: 0.01); needs decoder_channels"
     )
     upsample_mode: Literal["deconv", "bilinear"] | None = Field(
         None,
-        description="the configurable decoder's 2x steps: transposed conv (deconv) or bilinear "
-        "(null: deconv); needs decoder_channels",
+        description="the 2x steps of the configurable decoder's U-Net half: transposed conv (deconv) or "
+        "bilinear (null: deconv); needs decoder_channels",
     )
 
     @model_validator(mode="after")
@@ -58,8 +59,8 @@ class UnetrParams(BaseModel):
             names = " and ".join(k for k in FORK_ONLY_KEYS if getattr(self, k) is not None)
             if names:
                 raise ValueError(
-                    f"only the configurable decoder reads {names}: set decoder_channels too (the fork's "
-                    f"default is [512, 256, 128, 64, 32]) or remove {names}"
+                    f"only the configurable decoder reads {names}: set decoder_channels too (the older "
+                    f"nnU-Net fork's default is [512, 256, 128, 64, 32]) or remove {names}"
                 )
         else:
             fields = type(self).model_fields
