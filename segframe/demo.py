@@ -118,24 +118,87 @@ def _mask_rgb(mask: np.ndarray) -> np.ndarray:
     return np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=2)
 
 
-def overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray,
-            fov: np.ndarray | None = None) -> np.ndarray:
-    """Four panels side by side: image | truth | prediction | errors on the image
-    (green: found vessel, red: false vessel, blue: missed vessel; dimmed outside the FOV)."""
+def overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, fov: np.ndarray | None = None,
+            classes: dict[int, tuple[str, tuple[int, int, int]]] | None = None,
+            ignore: int | None = None) -> np.ndarray:
+    """Four panels side by side: image | truth | prediction | errors on the image (dimmed outside the FOV).
+
+    Binary masks (no `classes`): errors green for found vessel, red for false vessel, blue for missed.
+    Label maps with `classes` (id -> (name, colour)): truth and prediction in the class colours; the
+    errors panel shows agreeing pixels in their class colour, another class in yellow, false vessel
+    in magenta, missed vessel in cyan (the reference's `ignore` pixels are not marked); a legend of
+    names and colours is drawn below the panels."""
     errors = image.astype(np.float32) * 0.6
     if fov is not None:
         errors[~fov] *= 0.4
-    errors[truth & pred] = (0, 255, 0)
-    errors[pred & ~truth] = (255, 0, 0)
-    errors[truth & ~pred] = (0, 96, 255)
+    if classes is None:
+        errors[truth & pred] = (0, 255, 0)
+        errors[pred & ~truth] = (255, 0, 0)
+        errors[truth & ~pred] = (0, 96, 255)
+        masks = [_mask_rgb(truth), _mask_rgb(pred)]
+    else:
+        from segframe.colours import colourise
+
+        table = {i: colour for i, (_, colour) in classes.items()}
+        vessel = (truth != 0) & (truth != ignore)
+        agree = vessel & (pred == truth)
+        errors[agree] = colourise(truth, table)[agree]
+        errors[vessel & (pred != 0) & ~agree] = CLASS_ERRORS["other class"]
+        errors[(truth == 0) & (pred != 0)] = CLASS_ERRORS["false vessel"]
+        errors[vessel & (pred == 0)] = CLASS_ERRORS["missed"]
+        masks = [colourise(truth, table), colourise(pred, table)]
     gap = np.full((image.shape[0], 8, 3), 255, np.uint8)
-    panels = [image, _mask_rgb(truth), _mask_rgb(pred), errors.astype(np.uint8)]
-    return np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
+    panels = [image, *masks, errors.astype(np.uint8)]
+    picture = np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
+    if classes is None:
+        return picture
+    entries = [(name, colour) for i, (name, colour) in sorted(classes.items()) if i != 0]
+    return np.concatenate([picture, legend(entries + list(CLASS_ERRORS.items()), picture.shape[1],
+                                           image.shape[0])], axis=0)
+
+
+CLASS_ERRORS = {"other class": (255, 255, 0), "false vessel": (255, 0, 255), "missed": (0, 255, 255)}
+
+
+def legend(entries: list[tuple[str, tuple[int, int, int]]], width: int, height: int) -> np.ndarray:
+    """A white strip `width` wide, with a coloured square and the name of each entry (in rows as
+    `width` needs), its text sized for a picture `height` pixels tall (so a legend under a 1444-px
+    fundus is as readable as under 64)."""
+    from PIL import ImageDraw, ImageFont
+
+    size = max(12, height // 30)
+    font = ImageFont.load_default(size=size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    places, x, y = [], size // 2, 0
+    for name, colour in entries:
+        step = size + size // 3 + int(measure.textlength(name, font=font)) + size
+        if x > size // 2 and x + step > width:
+            x, y = size // 2, y + 2 * size
+        places.append((x, y, name, colour))
+        x += step
+    strip = Image.new("RGB", (width, y + 2 * size), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for x, y, name, colour in places:
+        top = y + size // 2
+        draw.rectangle([x, top, x + size, top + size], fill=tuple(colour), outline=(0, 0, 0))
+        draw.text((x + size + size // 3, top), name, fill=(0, 0, 0), font=font)
+    return np.asarray(strip)
 
 
 def write_overlays(dataset: Path, predictions: Path, out: Path) -> list[Path]:
+    """An overlay PNG per test case of `dataset` (labelsTs) and its prediction; label maps of several
+    classes (by the dataset.json, as `segframe evaluate` decides) get the class colours and a legend."""
+    from segframe.colours import colour_table, label_names, read_dataset, read_label_map
     from segframe.data.common import read_mask, read_rgb
+    from segframe.evaluate import classes_from_dataset
 
+    dataset_json = dataset / "dataset.json"
+    info = read_dataset(dataset_json) if dataset_json.is_file() else None
+    several = info is not None and classes_from_dataset(info, str(dataset_json)) is not None
+    if several:
+        colours = colour_table(info)
+        classes = {i: (name, colours[i]) for i, name in label_names(info).items()}
+        ignore = next((i for i, name in label_names(info).items() if name == "ignore"), None)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for ref in sorted((dataset / "labelsTs").glob("*.png")):
@@ -143,7 +206,11 @@ def write_overlays(dataset: Path, predictions: Path, out: Path) -> list[Path]:
         fov_path = dataset / "fovTs" / f"{case}.png"
         fov = read_mask(fov_path) if fov_path.is_file() else None
         image = read_rgb(dataset / "imagesTs" / f"{case}_0000.png")
-        panel = overlay(image, read_mask(ref), read_mask(predictions / f"{case}.png"), fov)
+        if several:
+            panel = overlay(image, read_label_map(ref), read_label_map(predictions / f"{case}.png"), fov,
+                            classes, ignore)
+        else:
+            panel = overlay(image, read_mask(ref), read_mask(predictions / f"{case}.png"), fov)
         Image.fromarray(panel).save(out / f"{case}.png")
         written.append(out / f"{case}.png")
     return written
