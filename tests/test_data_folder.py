@@ -126,6 +126,16 @@ def test_index_masks_fraction_split_and_no_fov(tmp_path):
     with pytest.raises(DataError, match="--classes vessel=255"):
         convert_folder(tmp_path / "img", tmp_path / "lab", raw=tmp_path / "raw", dataset_id=8, name="Idx2")
 
+    for stem, label in labels.items():  # 0/255 GIFs (a palette of two gray levels), named by value
+        (tmp_path / "lab" / f"{stem}_label.png").unlink()
+        Image.fromarray((label > 0).astype(np.uint8) * 255).save(tmp_path / "lab" / f"{stem}_label.gif")
+    folder = convert_folder(tmp_path / "img", tmp_path / "lab", raw=tmp_path / "raw", dataset_id=9,
+                            name="Gif", classes=["vessel=255"])
+    info = json.loads((folder / "dataset.json").read_text())
+    assert info["labels"] == {"background": 0, "vessel": 1}
+    assert info["label_colours"] == {"background": [0, 0, 0], "vessel": [255, 255, 255]}
+    np.testing.assert_array_equal(_png(folder / "labelsTr" / "b.png"), (labels["b"] > 0).astype(np.uint8))
+
 
 def test_regions_are_accepted_by_nnunet_and_give_back_the_classes(tmp_path):
     import torch

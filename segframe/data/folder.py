@@ -199,19 +199,20 @@ def _size(path: Path) -> tuple[int, int]:
 def read_codes(path: Path, rgb: bool) -> np.ndarray:
     """A mask as (H, W) integer codes: 0xRRGGBB of its colours when `rgb`, else its index values.
 
-    An index mask is gray, 1-bit or palette (the palette index counts); a colour mask whose three
-    channels are equal is read as gray.
+    An index mask is gray, 1-bit or palette; a palette or RGB mask whose colours are all gray is read
+    as those gray values, a palette mask with other colours as its palette indices.
     """
     with _open(path) as im:
         if rgb:
             a = np.asarray(im.convert("RGB")).astype(np.int64)
             return a[..., 0] << 16 | a[..., 1] << 8 | a[..., 2]
-        if im.mode in ("RGB", "RGBA"):
+        if im.mode in ("RGB", "RGBA", "P"):
             a = np.asarray(im.convert("RGB"))
-            if (a != a[..., :1]).any():
+            if (a == a[..., :1]).all():
+                return a[..., 0].astype(np.int64)
+            if im.mode != "P":
                 raise DataError(f"{path} is a colour mask: give its colours with --classes NAME=R,G,B ...")
-            return a[..., 0].astype(np.int64)
-        if im.mode not in ("1", "L", "P", "I", "I;16"):
+        elif im.mode not in ("1", "L", "I", "I;16"):
             raise DataError(f"{path}: mask mode {im.mode} is neither an index nor an RGB image")
         return np.asarray(im).astype(np.int64)
 
