@@ -393,3 +393,31 @@ def test_segframe_evaluate_names_a_corrupted_mask_and_a_mismatched_case(tmp_path
     err = capsys.readouterr().err
     assert code == 1 and f"{tmp_path / 'pred' / 'a.png'}: cannot read the image (" in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_colour_writes_each_mask_coloured_from_the_dataset_table_and_refuses_overwrites(trained, tmp_path):
+    import shutil
+
+    env, folder, images, _ = trained
+    copy = tmp_path / folder.name  # the shared results folder with a colour table in its dataset.json
+    shutil.copytree(folder, copy)
+    dataset = json.loads((copy / "dataset.json").read_text())
+    names = list(dataset["labels"])
+    table = {names[0]: [10, 20, 30], names[1]: [200, 100, 0]}
+    (copy / "dataset.json").write_text(json.dumps({**dataset, "label_colours": table}))
+    good = tmp_path / "in"
+    good.mkdir()
+    for name in ("plain.png", "gray.bmp"):
+        (good / name).write_bytes((images / name).read_bytes())
+    out = tmp_path / "out"
+    args = ("predict", "-i", good, "-o", out, "-m", copy, "-device", "cpu", "--disable_tta", "--colour")
+    done = segframe(env, *args)
+    assert f"wrote 2 colour-coded map(s) to {out / 'colour'}" in done.stdout
+    for name in ("plain", "gray"):
+        labels = np.asarray(Image.open(out / f"{name}.png"))  # nnU-Net's label map is kept as written
+        expected = np.where(labels[..., None] == 1, [200, 100, 0], [10, 20, 30])
+        assert np.array_equal(np.asarray(Image.open(out / "colour" / f"{name}.png")), expected)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    again = segframe(env, *args, check=False)
+    assert again.returncode == 1 and "already holds 4 file(s) this run would write" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before

@@ -357,6 +357,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="the network's arithmetic on -device cpu: bf16 autocast is faster on CPUs with "
                               "AVX512_BF16 or AMX, slower without (default fp32)")
     predict.add_argument("--save_probabilities", action="store_true", help="also write .npz probabilities")
+    predict.add_argument("--colour", action="store_true",
+                         help="also write each PNG mask colour-coded as <-o>/colour/<stem>.png (the results "
+                              "folder's dataset.json label_colours, else black, red, blue, green, ...)")
     predict.add_argument("--overwrite", action="store_true",
                          help="replace files in -o that this run writes (other files are never touched)")
     predict.add_argument("--trust-checkpoint", action="store_true",

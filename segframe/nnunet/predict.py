@@ -335,6 +335,11 @@ def predict_command(args: argparse.Namespace) -> int:
     ending = json.loads((model_folder / "dataset.json").read_text()).get("file_ending", ".png")
     jobs, skipped = find_inputs(source, ending)
     writes = {job: output_files(job, out, args.save_probabilities) for job in jobs}
+    if args.colour:  # refused and replaced like the masks; a bad colour table before any prediction
+        from segframe.colours import colour_path, colour_table, read_dataset
+
+        colour_table(read_dataset(model_folder / "dataset.json"))
+        writes = {job: [*files, colour_path(out, job.name)] for job, files in writes.items()}
     existing = sorted(p.name for files in writes.values() for p in files if p.exists())
     if existing and not args.overwrite:
         shown = ", ".join(existing[:10]) + (f" and {len(existing) - 10} more" if len(existing) > 10 else "")
@@ -378,6 +383,13 @@ def predict_command(args: argparse.Namespace) -> int:
             write.result()
     done = len(jobs) - len(failed)
     print(f"segframe: wrote {done} prediction(s) to {out}", flush=True)
+    if args.colour:
+        from segframe.colours import write_colour_maps
+
+        masks = {job.name: output_files(job, out, False)[0] for job in jobs
+                 if job.ending in IMAGE_SUFFIXES and job.files[0].name not in failed}
+        coloured = write_colour_maps(masks, out, model_folder / "dataset.json")
+        print(f"segframe: wrote {len(coloured)} colour-coded map(s) to {out / 'colour'}", flush=True)
     if failed:
         raise SegframeError(f"{len(failed)} of {len(jobs)} input(s) were not predicted: {', '.join(failed)}")
     return 0
