@@ -2,8 +2,8 @@
 
 nnU-Net cuts each tile in a producer thread so that copies to the GPU overlap the network. On the CPU
 there is no copy to overlap, and the producer's tile copies start a second OpenMP team that competes
-with the network's for the cores: on a 2-core CPU nnU-Net's window over one image took 1.1x (a U-Net)
-to 1.6x (a ViT in bf16) as long as the same forwards in one thread (docs/detail.md).
+with the network's for the cores, a ViT in bf16 most (docs/nnunet.md, "nnU-Net's threads and pools on
+the CPU"; `benchmarks/window.py` times both windows, BENCHMARKS.md has its table).
 `SegframePredictor` keeps nnU-Net's window everywhere else and, on the CPU, runs the same tiles,
 Gaussian weights and half-precision sums in one thread, so its logits equal nnU-Net's.
 `ValidationPredictor` is the one nnU-Net's final validation builds (trainer.py): the same window, and
@@ -47,8 +47,9 @@ class SegframePredictor(nnUNetPredictor):
 class ValidationPredictor(SegframePredictor):
     """`SegframePredictor` for nnU-Net's final validation, which hands each image's logits, a torch tensor,
     to its spawned export pool. Pickling moves a tensor to shared memory, a copy that ran in the pool's
-    task thread: a second OpenMP team in a thread that lives as long as the pool, and the network's
-    forwards on the next images took about 1.4x as long (docs/detail.md). On the CPU the logits are
+    task thread: a second OpenMP team in a thread that lives as long as the pool, which slows the
+    network's forwards on the next images (docs/nnunet.md; measured by `benchmarks/window.py`'s second
+    table in BENCHMARKS.md). On the CPU the logits are
     moved here, in the predicting thread, and the pool sends them without a copy."""
 
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
