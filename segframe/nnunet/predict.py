@@ -340,7 +340,7 @@ def predict_command(args: argparse.Namespace) -> int:
 
         colour_table(read_dataset(model_folder / "dataset.json"))
         writes = {job: [*files, colour_path(out, job.name)] for job, files in writes.items()}
-    existing = sorted(p.name for files in writes.values() for p in files if p.exists())
+    existing = sorted(str(p.relative_to(out)) for files in writes.values() for p in files if p.exists())
     if existing and not args.overwrite:
         shown = ", ".join(existing[:10]) + (f" and {len(existing) - 10} more" if len(existing) > 10 else "")
         raise SegframeError(
