@@ -17,9 +17,11 @@ from torch import nn
 
 def tubed_skeleton(seg: np.ndarray, ignore_label: int | None = None) -> np.ndarray:
     """The skeleton (scikit-image `skeletonize`) of a label map's foreground, dilated twice with the 3x3 cross
-    (a tube about 5 px wide), each tube pixel carrying the label under it (0 elsewhere, and on background).
+    (a tube about 5 px wide), each tube pixel carrying the class under it (0 elsewhere, and on background):
+    with several classes, one tube per class, as MIC-DKFZ's SkeletonTransform labels the skeleton of the
+    binarised foreground.
 
-    Pixels of `ignore_label` are not foreground. Works for 2D and 3D label maps.
+    Pixels of `ignore_label` are neither foreground nor in any tube (0). Works for 2D and 3D label maps.
     """
     from skimage.morphology import dilation, skeletonize
 
@@ -29,7 +31,7 @@ def tubed_skeleton(seg: np.ndarray, ignore_label: int | None = None) -> np.ndarr
     if not foreground.any():
         return np.zeros(seg.shape, np.int16)
     tube = dilation(dilation(skeletonize(foreground).astype(np.int16)))
-    return (tube * seg).astype(np.int16)
+    return np.where(foreground, tube * seg, 0).astype(np.int16)
 
 
 class SkeletonRecallLoss(nn.Module):
@@ -44,7 +46,8 @@ class SkeletonRecallLoss(nn.Module):
     def forward(self, logits: torch.Tensor, skeleton: torch.Tensor, mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """`logits` (B, K, *spatial), `skeleton` (B, 1, *spatial) labels from `tubed_skeleton`, `mask`
-        (B, 1, *spatial) true where the pixel counts (needed when the skeleton holds an ignore label)."""
+        (B, 1, *spatial) true where the pixel counts (a skeleton from `tubed_skeleton` is already 0 on
+        ignored pixels)."""
         probs = torch.softmax(logits.float(), 1)[:, 1:]
         axes = tuple(range(2, logits.ndim))
         with torch.no_grad():

@@ -346,11 +346,17 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
 
     def _build_loss(self):
         """nnU-Net's Dice + CE, and the Skeleton Recall term when train.loss asks for it (refused where it
-        cannot apply, before any data is loaded)."""
+        cannot apply, before any data is loaded). A head that owns its loss cannot train on regions."""
         self.skeleton_recall = None
         weight = self.segframe_config.train.loss.skeleton_recall
+        decoder = self.segframe_config.model.decoder.name
+        if self.model.owns_loss and self.label_manager.has_regions:
+            raise ConfigError(
+                f"decoder {decoder!r} cannot train on regions: it owns its training loss, which gives "
+                "each pixel one class, while this dataset's regions overlap (sigmoid outputs); convert the "
+                "dataset with class labels (e.g. the crossing as its own class) or choose a dense head such "
+                "as upernet")
         if weight > 0:
-            decoder = self.segframe_config.model.decoder.name
             if self.model.owns_loss:
                 raise ConfigError(
                     f"train.loss.skeleton_recall: {weight} cannot apply to decoder {decoder!r}: it owns its "
@@ -421,6 +427,29 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
                 f"(now {self.precision}), a smaller train.gradient_clip (now "
                 f"{self.segframe_config.train.gradient_clip})")
 
+    def compute_loss(self, output, target: torch.Tensor) -> torch.Tensor:
+        """The training loss of a training forward's `output` for nnU-Net's batch target: the head's own
+        loss (its parts kept for the epoch's log), or nnU-Net's Dice + CE (Dice + BCE for regions) plus
+        the auxiliary head's and the Skeleton Recall terms. Pixels at the ignore label count in none."""
+        model = self.model
+        if getattr(model, "owns_loss", False):
+            loss, parts = model.training_loss(output, target, self.label_manager.ignore_label)
+            for name, value in parts.items():
+                self.loss_parts.setdefault(name, []).append(float(value))
+            return loss
+        if self.skeleton_recall is not None:  # the skeleton travels as the target's second channel
+            target, skeleton = target[:, :1], target[:, 1:]
+        loss = self.loss(output, target)
+        if self.skeleton_recall is not None:
+            ignore = self.label_manager.ignore_label
+            mask = None if ignore is None else target != ignore
+            loss = loss + self.segframe_config.train.loss.skeleton_recall * self.skeleton_recall(
+                output, skeleton, mask)
+        aux = model.auxiliary_logits
+        if aux is not None:
+            loss = loss + model.decoder.auxiliary_loss_weight * self.loss(aux, target)
+        return loss
+
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
@@ -430,23 +459,7 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
         # the forward updates norm running statistics: a skipped step must not keep them
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
         with self.autocast():
-            output = self.network(data)
-            if getattr(model, "owns_loss", False):
-                loss, parts = model.training_loss(output, target, self.label_manager.ignore_label)
-                for name, value in parts.items():
-                    self.loss_parts.setdefault(name, []).append(float(value))
-            else:
-                if self.skeleton_recall is not None:  # the skeleton travels as the target's second channel
-                    target, skeleton = target[:, :1], target[:, 1:]
-                loss = self.loss(output, target)
-                if self.skeleton_recall is not None:
-                    ignore = self.label_manager.ignore_label
-                    mask = None if ignore is None else target != ignore
-                    loss = loss + self.segframe_config.train.loss.skeleton_recall * self.skeleton_recall(
-                        output, skeleton, mask)
-                aux = model.auxiliary_logits
-                if aux is not None:
-                    loss = loss + model.decoder.auxiliary_loss_weight * self.loss(aux, target)
+            loss = self.compute_loss(self.network(data), target)
         result = {"loss": loss.detach().float().cpu().numpy()}
         if not self._all_finite(loss):
             self._skip_step(f"the loss is {loss.item()}", buffers)
