@@ -297,7 +297,7 @@ def format_table(result: dict[str, Any]) -> str:
     """A fixed-width text table, one row per case and a final mean row (several classes: then a table
     of each class's mean metrics, and the mean A/V scores)."""
     columns = _summary_columns(result) if "classes" in result else METRICS
-    size = max(11, *(len(m) for m in columns))
+    size = max(11, *(len(m) for m in columns)) if "classes" in result else 11
     width = max(len("case"), *(len(n) for n in result["cases"]))
     head = f"{'case':<{width}}  " + "  ".join(f"{m:>{size}}" for m in columns)
     rows = [head, "-" * len(head)]

@@ -219,3 +219,17 @@ def test_a_read_only_out_is_one_line_naming_it(tmp_path, read_only_folder, capsy
         assert "Read-only file system" in err or "Permission denied" in err, err
         assert len(err.strip().splitlines()) == 1
     assert os.listdir(read_only_folder) == []
+
+
+def test_a_binary_dataset_json_keeps_the_binary_report(tmp_path, capsys):
+    _dataset(tmp_path, {"a": ((PRED != 0) * 1, (REF != 0) * 1)})
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "vessel": 1}}))
+    assert _evaluate(tmp_path) == 0
+    out = capsys.readouterr().out.splitlines()
+    # the binary report's table as segframe evaluate printed it before classes were read
+    assert out[:2] == ["1 cases, metrics inside the FOV:", "case         dice          iou  sensitivity  "
+                       "specificity     accuracy       cldice  thin_sensitivity"]
+    rows = list(csv.reader((tmp_path / "pred" / "metrics.csv").open()))
+    assert rows[0] == ["case", "dice", "iou", "sensitivity", "specificity", "accuracy", "cldice",
+                       "thin_sensitivity", "tp", "fp", "fn", "tn"]
+    assert rows[1][-4:] == ["17", "0", "2", "44"]  # the union's hand count above
