@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nnunet_discs import segframe, write_yaml
 from nnunet_multiclass import CLASSES, IGNORE, NAMES, REGIONS, TEST, multiclass_env
 from test_heads import section
 
 from segframe.config import validate_config
-from segframe.errors import ConfigError
 from segframe.losses import SkeletonRecallLoss, tubed_skeleton
 from segframe.nnunet import EXT_TRAINER_DIR
 from segframe.nnunet.plans import write_plans
@@ -187,8 +187,13 @@ def test_regions_train_a_dense_head_and_predict_class_ids(world):
         assert np.array_equal(labels, by_hand)
 
 
-def test_mask2former_refuses_regions_at_training_start(world):
-    trainer = trainer_for(world, REGIONS, "m2f_regions", config(section("mask2former")))
-    with pytest.raises(ConfigError, match=r"decoder 'mask2former' cannot train on regions: .* convert the "
-                                          r"dataset with class labels"):
-        trainer.initialize()
+def test_mask2former_refuses_regions_at_training_start(world, tmp_path):
+    """As a user runs it: `segframe train` ends in one line saying what to do, and no traceback."""
+    yaml_file = write_yaml(tmp_path / "m2f.yaml", config(section("mask2former")))
+    done = segframe(world, "train", REGIONS, "2d", "0", "--config", yaml_file, "-device", "cpu", check=False)
+    assert done.returncode != 0 and "Traceback" not in done.stderr + done.stdout
+    assert done.stderr.strip().splitlines() == [
+        "segframe train: error: decoder 'mask2former' cannot train on regions: it owns its training loss, "
+        "which gives each pixel one class, while this dataset's regions overlap (sigmoid outputs); convert "
+        "the dataset with class labels (e.g. the crossing as its own class) or choose a dense head such as "
+        "upernet"]
