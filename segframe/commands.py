@@ -144,11 +144,9 @@ def _config(args: argparse.Namespace) -> int:
     elif args.action == "migrate":
         from segframe.migrate import migrate_file
 
-        result = migrate_file(args.file, args.output, overwrite=args.overwrite)
-        print(f"{args.file} -> {args.output}:")
-        print("\n".join(result.lines))
-        left = f"{result.left_out} key(s) left out, listed above" if result.left_out else "no key left out"
-        print(f"wrote {args.output}: {left}; it passes `segframe config check`")
+        result = migrate_file(args.file, args.output, overwrite=args.overwrite, checkpoint=args.checkpoint)
+        print(result.report(args.file, args.output))
+        print(f"wrote {args.output}; it passes `segframe config check`")
     else:
         print(json.dumps(config_schema(), indent=2))
     return 0
@@ -175,10 +173,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("file", help="YAML config file")
     csub.add_parser("schema", help="print the JSON Schema of the config file (for editor completion)")
     migrate = csub.add_parser(
-        "migrate", help="convert a config of the older nnU-Net fork (model.model_path) to a segframe config",
-        description="Write the segframe config equivalent to FILE, a config of the older nnU-Net fork, and "
-                    "say for every key what became of it (kept, renamed, or left out). The result is checked "
-                    "as `segframe config check` does before it is written; see docs/migrate.md.")
+        "migrate", help="convert a config of the older nnU-Net fork (ViT or Mask2Former) to segframe's",
+        description="Write the segframe config that trains what FILE, a config of the older nnU-Net fork, "
+                    "trained, say for every key what became of it (kept, written, or a DIFFERENCE) and end "
+                    "with the verdict. The result is checked as `segframe config check` does before it is "
+                    "written; see docs/migrate.md.")
     migrate.add_argument("file", help="the fork's YAML config")
     migrate.add_argument("-o", "--output", required=True, help="segframe YAML file to write")
     migrate.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    migrate.add_argument("--checkpoint", metavar="FILE",
+                         help="the file of the pretrained weights the fork loaded from timm (the report "
+                              "names them), written as model.checkpoint_path")

@@ -65,7 +65,13 @@ class ModelConfig(_Strict):
     backbone_size: str = Field("small", description="size within the family, e.g. small, base, large")
     checkpoint_path: str = Field(
         "", description="weight file (.pth/.safetensors: official, timm or Hugging Face layout) or Hugging "
-                        "Face model folder; empty = random init")
+                        "Face model folder; empty = random init (refused by training when model.pretrained "
+                        "names weights)")
+    pretrained: str = Field(
+        "none", pattern=r"^(none|timm:[A-Za-z0-9_]+\.[A-Za-z0-9_]+)$",
+        description="the weights the backbone is meant to start from, as timm names them "
+                    "(`timm:vit_large_patch16_dinov3.lvd1689m`): `segframe train` refuses to start until "
+                    "checkpoint_path gives them; none = no claim (an empty checkpoint_path is random init)")
     trust_checkpoint: bool = Field(
         False, description="allow checkpoints that need full unpickling (only for files you trust)"
     )
@@ -83,11 +89,16 @@ class ModelConfig(_Strict):
     neck: Literal["identity", "pyramid"] = Field(
         "identity", description="identity: all levels at the patch stride; pyramid: strides p/4, p/2, p, 2p"
     )
-    upsampler: Literal["progressive", "bilinear"] | None = Field(
+    upsampler: Literal["progressive", "bilinear", "fork_progressive"] | None = Field(
         None,
         description="how logits return to full resolution; null = progressive, or bilinear for a head "
-        "that owns its training loss (its eval logits are never trained through learned stages)",
+        "that owns its training loss (its eval logits are never trained through learned stages); "
+        "fork_progressive: the older nnU-Net fork's (two learned 2x stages of width "
+        "model.upsampler_width, bilinear to the size, a 1x1 conv; no bilinear shortcut)",
     )
+    upsampler_width: int = Field(
+        256, ge=1, description="width of fork_progressive's first stage (the second has half, at least 32); "
+                               "the fork used the UperNet hidden_size // 2")
     normalize: Literal["backbone", "none"] = Field(
         "backbone",
         description="backbone: apply the backbone's pretraining mean/std; none: input is used as is",
@@ -121,13 +132,17 @@ class LossConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    initial_lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on norms, biases, tokens)")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="adamw: AdamW, no weight decay on norms, biases, tokens; sgd: nnU-Net's SGD "
+                             "(momentum 0.99, nesterov), weight decay on every parameter")
+    initial_lr: float = Field(1e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.05, ge=0, description="weight decay (AdamW: not on norms, biases, tokens)")
     gradient_clip: float = Field(12.0, gt=0, description="max gradient norm")
     num_epochs: int = Field(1000, ge=1, description="training epochs")
     num_iterations_per_epoch: int = Field(250, ge=1, description="training iterations per epoch")
     num_val_iterations_per_epoch: int = Field(50, ge=1, description="validation iterations per epoch")
-    warmup_epochs: int = Field(10, ge=0, description="linear learning-rate warmup epochs, then poly decay")
+    warmup_epochs: int = Field(
+        10, ge=0, description="linear learning-rate warmup epochs, then poly decay (0: nnU-Net's PolyLR)")
     layer_decay: float | None = Field(
         None, gt=0, le=1, description="layer-wise LR decay for backbone blocks; null = off"
     )
@@ -139,9 +154,10 @@ class TrainConfig(_Strict):
     save_every: int = Field(
         50, ge=1, description="write checkpoint_latest.pth every this many epochs (for --c)"
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "fp16", "nnunet"] = Field(
         "auto", description="training arithmetic: auto = bf16 on CUDA that supports it, else fp16 with a "
-                            "grad scaler on CUDA, fp32 on CPU/MPS"
+                            "grad scaler on CUDA, fp32 on CPU/MPS; nnunet = nnU-Net's own: fp16 with a grad "
+                            "scaler on any CUDA, fp32 elsewhere"
     )
     validation_precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="the network's arithmetic in nnU-Net's final validation (after training and with "
@@ -286,6 +302,19 @@ def load_config(path: str | Path) -> SegframeConfig:
     return cfg
 
 
+def missing_weights(cfg: SegframeConfig) -> str | None:
+    """Why training must not start from this config (model.pretrained names weights that
+    model.checkpoint_path does not give), or None."""
+    m = cfg.model
+    if m.pretrained == "none" or m.checkpoint_path:
+        return None
+    name = m.pretrained.removeprefix("timm:")
+    return (f"model.pretrained says the backbone starts from {m.pretrained}, but model.checkpoint_path is "
+            f"empty, which would train from random weights: save those weights (e.g. "
+            f"`timm.create_model('{name}', pretrained=True).state_dict()` to a .safetensors file) and set "
+            "model.checkpoint_path to the file, or set model.pretrained: none to train from random init")
+
+
 def check_config(path: str | Path) -> tuple[SegframeConfig, list[str]]:
     """Everything `load_config` checks, plus what needs the backbone's architecture (`model.layers`
     against its depth; the backbone is built on the meta device, so no memory or weights). Returns
@@ -294,6 +323,8 @@ def check_config(path: str | Path) -> tuple[SegframeConfig, list[str]]:
     data = _read_yaml(path)
     notes = [f"config file {path} is empty: all defaults apply"] if data is None else []
     cfg = load_config(path)
+    if why := missing_weights(cfg):
+        notes.append(f"`segframe train` will refuse {path}: {why}")
     if cfg.model.layers is not None:
         import torch
 

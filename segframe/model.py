@@ -17,9 +17,9 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from segframe.backbones.checkpoint import LoadReport
-from segframe.config import SegframeConfig, validate_config
+from segframe.config import SegframeConfig, missing_weights, validate_config
 from segframe.detail import DetailPath
-from segframe.errors import ConfigError, PluginError, SegframeError
+from segframe.errors import CheckpointError, ConfigError, PluginError, SegframeError
 from segframe.lora import add_lora, format_counts, has_lora, merge_lora, parameter_counts
 from segframe.plugins import DecoderInputs, HeadContext, get_registry
 from segframe.upsample import build_neck, build_upsampler, crop, resize
@@ -115,7 +115,7 @@ class ViTSegModel(nn.Module):
             self.detail = DetailPath(backbone_chans, num_classes, m.detail.channels, m.detail.units,
                                      m.detail.norm, checkpointing=m.grad_checkpointing)
         else:
-            self.upsampler = build_upsampler(upsampler, num_classes, stride)
+            self.upsampler = build_upsampler(upsampler, num_classes, stride, m.upsampler_width)
         # the decoder's auxiliary logits of the last training forward, at the input size (or None);
         # a trainer adds their loss, weighted by the decoder's `auxiliary_loss_weight`
         self.auxiliary_logits: torch.Tensor | None = None
@@ -288,11 +288,13 @@ class ViTSegModel(nn.Module):
         Works with and without LoRA adapters (peft's `qkv.base_layer.weight` names are mapped;
         adapters are left alone). Returns the backbone's `LoadReport`, or None when no path is
         configured (random init). Raises CheckpointError and changes nothing when the file does
-        not fit.
+        not fit, or when there is no path but `model.pretrained` names the weights to start from.
         """
         path = self.config.model.checkpoint_path if path is None else path
         trust = self.config.model.trust_checkpoint if trust is None else trust
         if not path:
+            if why := missing_weights(self.config):  # never a silent random init
+                raise CheckpointError(why)
             log.info("no checkpoint_path: the backbone keeps its random initialisation")
             return None
         return self.backbone.load_checkpoint(path, trust=trust, strict=strict)

@@ -3,7 +3,8 @@
 Necks turn the backbone's same-stride feature maps into what the head reads:
 `IdentityNeck` (every level at the patch stride) or `FeaturePyramidNeck` (the ViTDet/BEiT
 simple pyramid: strides p/4, p/2, p, 2p). Upsamplers map the head's logits to the padded
-input size: `BilinearUpsampler`, or `ProgressiveUpsampler` (learned 2x stages, then bilinear).
+input size: `BilinearUpsampler`, `ProgressiveUpsampler` (learned 2x stages, then bilinear), or
+`ForkUpsampler` (the older nnU-Net fork's, for migrated configs).
 """
 
 from __future__ import annotations
@@ -112,9 +113,9 @@ class BilinearUpsampler(nn.Module):
         return resize(logits, size)
 
 
-def norm_groups(channels: int) -> int:
-    """GroupNorm groups for a width: the largest of 8, 4, 2, 1 that divides it."""
-    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
+def norm_groups(channels: int, most: int = 8) -> int:
+    """GroupNorm groups for a width: the largest power of two up to `most` that divides it."""
+    return next(g for g in (32, 16, 8, 4, 2, 1) if g <= most and channels % g == 0)
 
 
 class ProgressiveUpsampler(nn.Module):
@@ -154,10 +155,48 @@ class ProgressiveUpsampler(nn.Module):
         return resize(logits, size) + self.out(resize(x, size))
 
 
-def build_upsampler(kind: str, num_classes: int, output_stride: float) -> nn.Module:
-    """`progressive` or `bilinear` (model.upsampler)."""
+class ForkUpsampler(nn.Module):
+    """The older nnU-Net fork's upsampler (`model.upsampler: fork_progressive`), for configs migrated
+    from it: `num_stages` times bilinear 2x then conv3x3 - GroupNorm - ReLU - Dropout2d - conv3x3 -
+    GroupNorm - ReLU (convs without bias, up to 32 groups), the first stage `width` wide and each
+    next one half as wide (at least 32), bilinear to the exact size, then a 1x1 conv to the classes.
+
+    Unlike `ProgressiveUpsampler` there is no bilinear shortcut and the stage count does not follow
+    the stride (the fork always made two stages). `in_channels` is the number of classes on logits.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int, num_stages: int = 2,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.num_stages = num_stages
+        widths = [max(width >> i, 32) for i in range(num_stages)]
+        stages, ch_in = [], in_channels
+        for ch in widths:
+            groups = norm_groups(ch, most=32)
+            stages.append(nn.Sequential(
+                nn.Conv2d(ch_in, ch, 3, padding=1, bias=False), nn.GroupNorm(groups, ch), nn.ReLU(),
+                nn.Dropout2d(dropout),
+                nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.GroupNorm(groups, ch), nn.ReLU(),
+            ))
+            ch_in = ch
+        self.stages = nn.ModuleList(stages)
+        self.out = nn.Conv2d(ch_in, num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+        return self.out(resize(x, size))
+
+
+UPSAMPLERS = ("progressive", "bilinear", "fork_progressive")
+
+
+def build_upsampler(kind: str, num_classes: int, output_stride: float, width: int = 256) -> nn.Module:
+    """`progressive`, `bilinear` or `fork_progressive` (model.upsampler; `width`: model.upsampler_width)."""
     if kind == "bilinear":
         return BilinearUpsampler()
     if kind == "progressive":
         return ProgressiveUpsampler(num_classes, output_stride)
-    raise ConfigError(f"model.upsampler {kind!r} is unknown; use progressive or bilinear")
+    if kind == "fork_progressive":
+        return ForkUpsampler(num_classes, num_classes, width)
+    raise ConfigError(f"model.upsampler {kind!r} is unknown; use {', '.join(UPSAMPLERS)}")

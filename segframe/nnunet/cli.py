@@ -150,8 +150,8 @@ def _train(args: argparse.Namespace) -> int:
     try:
         return _run_train(args)
     finally:
-        if lifeline.supported():
-            lifeline.kill_descendants()
+        if lifeline.supported():  # `segframe train` kills the trackers once this process is gone
+            lifeline.kill_descendants(spare_trackers=True)
 
 
 def _check_arguments(args: argparse.Namespace) -> tuple[Path, int | str]:
@@ -232,16 +232,31 @@ def _run_train(args: argparse.Namespace) -> int:
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl")
     try:
-        if args.val_best:
-            _train_then_validate_best(args, fold, name, device)
-        else:
-            run_training(args.dataset, args.configuration, fold, TRAINER_NAME, name,
-                         num_gpus=1 if world > 1 else args.num_gpus, export_validation_probabilities=args.npz,
-                         continue_training=args.c, only_run_validation=args.val, device=device)
+        with _trainer_by_name():
+            if args.val_best:
+                _train_then_validate_best(args, fold, name, device)
+            else:
+                run_training(args.dataset, args.configuration, fold, TRAINER_NAME, name,
+                             num_gpus=1 if world > 1 else args.num_gpus,
+                             export_validation_probabilities=args.npz, continue_training=args.c,
+                             only_run_validation=args.val, device=device)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _trainer_by_name():
+    """nnU-Net's trainer lookup answered with our trainer class: nnU-Net searches its own package first and
+    prints that the trainer is not there before it finds it on nnUNet_extTrainer (stock nnUNetv2_train)."""
+    from unittest import mock
+
+    import nnunetv2.run.run_training as nnunet_run
+
+    from segframe.nnunet.trainer import nnUNetTrainerSegframe
+
+    return mock.patch.object(nnunet_run, "recursive_find_trainer_class_by_name",
+                             lambda name: nnUNetTrainerSegframe)
 
 
 VALIDATION_BEST = "validation_best"

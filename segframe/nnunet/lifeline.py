@@ -8,7 +8,11 @@ sees (`segframe train`) only starts the training child and waits. The child is a
 /proc lists all of them. A thread of the child blocks on the pipe's read end; the parent holds the only
 write end, so the read returns as soon as the parent dies, however it dies. The thread then SIGKILLs the
 whole subtree and the child itself. Nothing polls, and a worker started a moment before the kill is
-still below the subreaper. On systems without /proc and prctl (macOS) training runs in one process.
+still below the subreaper. When the child dies instead (SIGKILLed by an out-of-memory killer), its
+processes are re-parented to `segframe train`, itself a subreaper, which kills them as soon as the child
+is gone. Multiprocessing's resource trackers are left to exit on their own while the child still runs:
+killing one early makes the child's last unregistrations print tracebacks. On systems without /proc and
+prctl (macOS) training runs in one process.
 """
 
 from __future__ import annotations
@@ -34,8 +38,15 @@ def is_child() -> bool:
     return ENV in os.environ
 
 
+def _subreaper() -> None:
+    """Keep every process started below this one below it, even when its own parent dies."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
 def run_child(argv: list[str]) -> int:
-    """Run `python -m segframe.cli *argv` as the training child and return its exit code."""
+    """Run `python -m segframe.cli *argv` as the training child and return its exit code; whatever the
+    child leaves running when it ends, however it ends, is killed."""
+    _subreaper()
     read_end, write_end = os.pipe()
     env = dict(os.environ, **{ENV: str(read_end)})
     # Ctrl-C reaches the child directly (same process group); this process only waits for it
@@ -47,14 +58,20 @@ def run_child(argv: list[str]) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
         os.close(write_end)
+        kill_descendants()
+    if code < 0:
+        name = signal.Signals(-code).name
+        print(f"segframe train: error: the training process was killed by {name}"
+              + (" (e.g. by the out-of-memory killer)" if name == "SIGKILL" else "")
+              + "; every process it started was stopped; `segframe train ... --c` continues from the last "
+              "checkpoint", file=sys.stderr, flush=True)
     return 128 - code if code < 0 else code
 
 
 def hold() -> None:
     """In the training child: become a subreaper and kill the subtree as soon as the parent is gone."""
     fd = int(os.environ.pop(ENV))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    _subreaper()
 
     def watch() -> None:
         try:
@@ -92,10 +109,19 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_descendants() -> None:
-    """SIGKILL every process below this one until none is left (a subreaper keeps orphans below it)."""
+def resource_tracker(pid: int) -> bool:
+    """Whether `pid` is a multiprocessing (or loky) resource tracker, which exits when its users have."""
+    try:
+        return b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def kill_descendants(spare_trackers: bool = False) -> None:
+    """SIGKILL every process below this one until none is left (a subreaper keeps orphans below it);
+    `spare_trackers` leaves resource trackers to exit with this process."""
     for _ in range(50):
-        pids = descendants(os.getpid())
+        pids = [p for p in descendants(os.getpid()) if not (spare_trackers and resource_tracker(p))]
         if not pids:
             return
         for pid in pids:
