@@ -82,6 +82,12 @@ class NonFiniteTraining(SegframeError):
     """The loss or the weights became NaN/inf and stayed so: the run is stopped before it saves them."""
 
 
+# The largest |logit| a network may give and still be predicted: nnU-Net's sliding window (and so the final
+# validation and `segframe predict`) sums Gaussian-weighted logits in float16 (largest value 65504), with
+# weights up to 10 from up to 4 tiles over a pixel at its step of 0.5. A trained network's logits are tens.
+LOGIT_LIMIT = 65504 / 40
+
+
 def check_validation_precision(precision: str, device: torch.device) -> None:
     """`train.validation_precision: bf16` is for the CPU; refused elsewhere before any file is written."""
     if precision == "bf16" and device.type != "cpu":
@@ -422,10 +428,7 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
             raise NonFiniteTraining(
                 f"training stopped at epoch {self.current_epoch} iteration {self.iteration}: {limit} steps "
                 f"in a row had a NaN/inf loss or gradient (the weights were not updated by them and no "
-                f"non-finite checkpoint was written; see {self.log_file}). Usual fixes: a lower "
-                f"train.initial_lr (now {self.initial_lr}), train.precision: bf16 or fp32 instead of fp16 "
-                f"(now {self.precision}), a smaller train.gradient_clip (now "
-                f"{self.segframe_config.train.gradient_clip})")
+                f"non-finite checkpoint was written; see {self.log_file}). {self._usual_fixes()}")
 
     def compute_loss(self, output, target: torch.Tensor) -> torch.Tensor:
         """The training loss of a training forward's `output` for nnU-Net's batch target: the head's own
@@ -481,9 +484,39 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
         self.nonfinite_in_a_row = 0
         return result
 
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        if getattr(self, "_logit_hook", None) is None:
+            self._logit_hook = self.model.register_forward_hook(self._watch_logits)
+        self.largest_logit = 0.0
+
+    def _watch_logits(self, module: nn.Module, inputs, output) -> None:
+        """Forward hook: the largest |logit| of the evaluation forwards (NaN counts as inf)."""
+        if not module.training and torch.is_tensor(output):
+            largest = torch.nan_to_num(output.detach().abs().amax().float(), nan=float("inf"))
+            self.largest_logit = max(getattr(self, "largest_logit", 0.0), float(largest))
+
+    def _check_predictable(self) -> None:
+        """Stop the run before it saves weights whose validation logits nnU-Net's window cannot sum."""
+        largest = torch.tensor([getattr(self, "largest_logit", 0.0)], device=self.device)
+        if self.is_ddp:
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        if largest.item() <= LOGIT_LIMIT:
+            return
+        raise NonFiniteTraining(
+            f"training stopped at epoch {self.current_epoch}: the weights diverged (validation logits up to "
+            f"{largest.item():.3g}; above {LOGIT_LIMIT:.0f} nnU-Net's sliding window overflows float16, so "
+            f"they could not predict) and were not saved; see {self.log_file}. {self._usual_fixes()}")
+
+    def _usual_fixes(self) -> str:
+        return (f"Usual fixes: a lower train.initial_lr (now {self.initial_lr}), train.precision: bf16 or "
+                f"fp32 instead of fp16 (now {self.precision}), a smaller train.gradient_clip (now "
+                f"{self.segframe_config.train.gradient_clip})")
+
     def on_epoch_end(self) -> None:
         """nnU-Net's, with `_best_ema` updated (and checkpoint_best written) before checkpoint_latest, so
-        latest carries the best EMA Dice that `--c` restores; a NaN EMA is never a new best."""
+        latest carries the best EMA Dice that `--c` restores; a NaN EMA is never a new best. Weights whose
+        validation logits exceed LOGIT_LIMIT stop the run before any checkpoint of them is written."""
         self.logger.log("epoch_end_timestamps", time(), self.current_epoch)
         for key in ("train_loss", "val_loss"):
             self.print_to_log_file(key, np.round(self.logger.get_value(key + "es", step=-1), decimals=4))
@@ -495,6 +528,7 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
         seconds = (self.logger.get_value("epoch_end_timestamps", step=-1)
                    - self.logger.get_value("epoch_start_timestamps", step=-1))
         self.print_to_log_file(f"Epoch time: {np.round(seconds, decimals=2)} s")
+        self._check_predictable()
         ema = self.logger.get_value("ema_fg_dice", step=-1)
         if better(ema, self._best_ema):
             self._best_ema = ema
