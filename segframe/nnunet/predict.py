@@ -107,15 +107,20 @@ def _ending(path: Path, file_ending: str) -> str:
     return file_ending if path.name.lower().endswith(file_ending.lower()) else path.suffix.lower()
 
 
-def find_inputs(source: Path, file_ending: str) -> tuple[list[Job], list[str]]:
-    """The images of folder `source` (jobs) and the names of other files there (skipped).
+def find_inputs(source: Path, file_ending: str) -> tuple[list[Job], list[str], list[Path]]:
+    """The images of folder `source` (jobs), the names of other files there (skipped), and its symbolic
+    links whose target does not exist (broken: inputs that cannot be predicted).
 
     `CASE_0000.<ext>` (with `CASE_0001...` for more channels) is one image named CASE, as in nnU-Net;
     any other image file is one image named after its stem.
     """
     accepted = {*IMAGE_SUFFIXES, file_ending.lower()}
     entries = sorted(p for p in source.iterdir() if not p.name.startswith("."))
+    broken = [p for p in entries if p.is_symlink() and not p.exists()]
+    entries = [p for p in entries if p not in broken]
     images = [p for p in entries if p.is_file() and _ending(p, file_ending) in accepted]
+    if not images and broken:
+        return [], [], broken
     if not images:
         held = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:10]) or "nothing"
         held += f" and {len(entries) - 10} more" if len(entries) > 10 else ""
@@ -146,7 +151,7 @@ def find_inputs(source: Path, file_ending: str) -> tuple[list[Job], list[str]]:
         listing = "; ".join(f"{', '.join(f.name for f in fs)} -> {n}" for n, fs in sorted(clashes.items()))
         raise SegframeError(f"input files would write the same output: {listing}; rename one of each")
     skipped = [p.name for p in entries if p.is_dir() or p not in images]
-    return sorted(jobs, key=lambda j: j.name), skipped
+    return sorted(jobs, key=lambda j: j.name), skipped, broken
 
 
 class Predictor:
@@ -241,7 +246,16 @@ class Predictor:
 
     def run(self, data: np.ndarray, props: dict, probabilities: bool = False) -> tuple[np.ndarray, Any]:
         """nnU-Net's prediction of prepared data: (segmentation, probabilities or None), nnU-Net's shapes."""
-        out = self.nnunet.predict_single_npy_array(data, props, None, None, probabilities)
+        try:
+            out = self.nnunet.predict_single_npy_array(data, props, None, None, probabilities)
+        except RuntimeError as exc:  # the sliding window's float16 sum (ours on the CPU, nnU-Net's elsewhere)
+            if "overflow float16" not in str(exc) and "Encountered inf in predicted array" not in str(exc):
+                raise
+            raise SegframeError(
+                f"{self.model_folder} cannot predict: the network's logits overflow the float16 sums of "
+                "nnU-Net's sliding window (inf); its weights diverged in training. Train it again with a "
+                "lower train.initial_lr (`segframe train` stops a run that diverges so before saving "
+                "it)") from None
         return (out[0], out[1]) if probabilities else (out, None)
 
     def read_job(self, job: Job) -> tuple[np.ndarray, dict]:
@@ -267,18 +281,55 @@ class Predictor:
         return self.prepare(stacked, str(job.files[0]))
 
     def write(self, job: Job, out: Path, seg: np.ndarray, probs: Any, props: dict) -> None:
-        """Write a prediction as nnU-Net does: the mask (PNG for ordinary images), and probabilities."""
-        from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
-
+        """Write a prediction as nnU-Net does: the mask (PNG for ordinary images), and probabilities. Each
+        file is encoded in memory first where it can be (a writer that fails on a full disk while closing
+        its own file reports that again when it is garbage-collected), then written atomically."""
         files = output_files(job, out, probs is not None)
-        writer = NaturalImage2DIO() if job.ending in IMAGE_SUFFIXES \
-            else self.nnunet.plans_manager.image_reader_writer_class()
-        writer.write_seg(seg, str(files[0]), props)
-        if probs is not None:
-            from batchgenerators.utilities.file_and_folder_operations import save_pickle
+        if job.ending in IMAGE_SUFFIXES:  # the bytes nnU-Net's NaturalImage2DIO.write_seg writes (imageio)
+            import imageio.v3 as iio
 
-            np.savez_compressed(files[1], probabilities=probs)
-            save_pickle(props, str(files[2]))
+            png = iio.imwrite("<bytes>", seg[0].astype(np.uint8 if np.max(seg) < 255 else np.uint16,
+                                                      copy=False), extension=".png")
+            write_atomically(files[0], lambda path: path.write_bytes(png))
+        else:
+            writer = self.nnunet.plans_manager.image_reader_writer_class()
+            write_atomically(files[0], lambda path: writer.write_seg(seg, str(path), props))
+        if probs is not None:
+            import pickle
+
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, probabilities=probs)
+            write_atomically(files[1], lambda path: path.write_bytes(buffer.getvalue()))
+            write_atomically(files[2], lambda path: path.write_bytes(pickle.dumps(props)))
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(temporary)` to a hidden file beside `path` whose name ends as `path`'s (writers choose the
+    format by the ending), then rename it to `path`: a failed write (a full disk) leaves no file, not a
+    partial one, and is a SegframeError naming `path` and the cause."""
+    temporary = path.with_name(f".partial-{os.getpid()}-{threading.get_ident()}-{path.name}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise SegframeError(f"cannot write {path}: {reason(exc)} (no partial file was left; the files "
+                            "written before it are complete)") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def prepare_output_folder(out: Path) -> None:
+    """Create `-o` and write a file into it (removed again), so that a folder that cannot take the outputs
+    is one error before any prediction."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".segframe-write-test-") as probe:
+            probe.write(b"0")
+            probe.flush()
+    except OSError as exc:
+        raise SegframeError(f"cannot write into the output folder {out}: {reason(exc)}") from None
 
 
 def native_bf16() -> bool:
@@ -333,7 +384,9 @@ def predict_command(args: argparse.Namespace) -> int:
     if source.resolve() == out.resolve():
         raise SegframeError("-o must differ from -i: predictions would be written among the input images")
     ending = json.loads((model_folder / "dataset.json").read_text()).get("file_ending", ".png")
-    jobs, skipped = find_inputs(source, ending)
+    jobs, skipped, broken = find_inputs(source, ending)
+    if out.exists() and not out.is_dir():
+        raise SegframeError(f"-o {out} is a file, not a folder: name a folder for the masks")
     writes = {job: output_files(job, out, args.save_probabilities) for job in jobs}
     if args.colour:  # refused and replaced like the masks; a bad colour table before any prediction
         from segframe.colours import colour_path, colour_table, read_dataset
@@ -355,10 +408,14 @@ def predict_command(args: argparse.Namespace) -> int:
     if skipped:
         print(f"segframe: skipped {len(skipped)} file(s) that are not images: {', '.join(skipped[:10])}"
               + (" ..." if len(skipped) > 10 else ""), flush=True)
+    failed = []
+    for link in broken:
+        print(f"segframe predict: error: {link}: the link is broken (it points to {os.readlink(link)}, which "
+              "does not exist)", file=sys.stderr, flush=True)
+        failed.append(link.name)
+    prepare_output_folder(out)
     print(f"segframe: predicting {len(jobs)} image(s) {source} -> {out} with folds {folds} ({args.chk}) "
           f"on {device}", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    failed = []
     with ThreadPoolExecutor(args.npp) as readers, ThreadPoolExecutor(args.nps) as writers:
         # -npp images are read ahead while the network predicts; up to -nps masks are being written
         upcoming, reads, writes = iter(jobs), deque(), deque()
@@ -381,7 +438,7 @@ def predict_command(args: argparse.Namespace) -> int:
                 writes.popleft().result()
         for write in writes:
             write.result()
-    done = len(jobs) - len(failed)
+    done = len(jobs) + len(broken) - len(failed)
     print(f"segframe: wrote {done} prediction(s) to {out}", flush=True)
     if args.colour:
         from segframe.colours import write_colour_maps
@@ -391,5 +448,6 @@ def predict_command(args: argparse.Namespace) -> int:
         coloured = write_colour_maps(masks, out, model_folder / "dataset.json")
         print(f"segframe: wrote {len(coloured)} colour-coded map(s) to {out / 'colour'}", flush=True)
     if failed:
-        raise SegframeError(f"{len(failed)} of {len(jobs)} input(s) were not predicted: {', '.join(failed)}")
+        raise SegframeError(f"{len(failed)} of {len(jobs) + len(broken)} input(s) were not predicted: "
+                            f"{', '.join(failed)}")
     return 0
