@@ -216,8 +216,9 @@ def _loc(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if p != "__root__") or "(top level)"
 
 
-def _format(errors: list[dict], source: str, prefix: tuple = ()) -> str:
-    lines = [f"invalid config {source}:"]
+def _lines(errors: list[dict], prefix: tuple = ()) -> list[str]:
+    """One `  key.path: what is wrong` line per pydantic error."""
+    lines = []
     for e in errors:
         where = _loc(prefix + tuple(e["loc"]))
         msg = e["msg"].removeprefix("Value error, ")
@@ -225,11 +226,19 @@ def _format(errors: list[dict], source: str, prefix: tuple = ()) -> str:
             msg = "unknown key (check the spelling; `segframe config schema` lists valid keys)"
         lines.append(f"  {where}: {msg}" + (f" (got {e['input']!r})" if e["type"] not in (
             "extra_forbidden", "missing", "value_error") and not isinstance(e.get("input"), dict) else ""))
-    return "\n".join(lines)
+    return lines
+
+
+def _raw_model(data: dict, key: str, default: Any) -> Any:
+    """`model.<key>` of an unvalidated config, or `default`."""
+    model = data.get("model")
+    value = model.get(key) if isinstance(model, dict) else None
+    return default if value is None else value
 
 
 def validate_config(data: Any, source: str = "<dict>") -> SegframeConfig:
-    """Validate a config dict (including plugin sections) and fill every default."""
+    """Validate a config dict (including plugin sections) and fill every default; every error of the
+    config is reported at once, the plugin sections' with the others."""
     from segframe.errors import PluginError
     from segframe.plugins import get_registry
 
@@ -237,34 +246,62 @@ def validate_config(data: Any, source: str = "<dict>") -> SegframeConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config {source}: top level must be a mapping, got {type(data).__name__}")
+    errors: list[str] = []
     try:
         cfg = SegframeConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format(exc.errors(), source)) from None
+        cfg = None
+        errors += _lines(exc.errors())
     registry = get_registry()
     resolved = {}
     for kind in ("backbone", "decoder"):
-        choice: PluginChoice = getattr(cfg.model, kind)
+        try:  # from the raw section when the rest of the config is invalid
+            choice = getattr(cfg.model, kind) if cfg else PluginChoice.model_validate(
+                _raw_model(data, kind, ModelConfig.model_fields[kind].default))
+        except ValidationError:
+            continue  # its error is among the config's own
         try:
             spec = registry.get(kind, choice.name).spec
         except PluginError as exc:
             # a misspelt name is the config's fault; an installed plugin that fails to load is not
-            error = PluginError if choice.name in registry.broken else ConfigError
-            raise error(f"invalid config {source}:\n  model.{kind}: {exc}") from None
+            if choice.name in registry.broken:
+                raise PluginError(f"invalid config {source}:\n  model.{kind}: {exc}") from None
+            errors.append(f"  model.{kind}: {exc}")
+            continue
         try:
             params = spec.params.model_validate(choice.params)
+            resolved[kind] = PluginChoice(name=choice.name, **params.model_dump(mode="json"))
         except ValidationError as exc:
-            raise ConfigError(_format(exc.errors(), source, ("model", kind))) from None
-        resolved[kind] = PluginChoice(name=choice.name, **params.model_dump(mode="json"))
-        if kind == "backbone" and cfg.model.backbone_size not in spec.sizes:
-            raise ConfigError(
-                f"invalid config {source}:\n  model.backbone_size: {cfg.model.backbone_size!r} is not a size "
-                f"of {choice.name}; choose one of {', '.join(spec.sizes)}"
-            )
+            errors += _lines(exc.errors(), ("model", kind))
+        size = cfg.model.backbone_size if cfg else _raw_model(data, "backbone_size", "small")
+        if kind == "backbone" and isinstance(size, str) and size not in spec.sizes:
+            errors.append(f"  model.backbone_size: {size!r} is not a size of {choice.name}; choose one of "
+                          f"{', '.join(spec.sizes)}")
+    if errors:
+        raise ConfigError("\n".join([f"invalid config {source}:", *errors]))
     return cfg.model_copy(update={"model": cfg.model.model_copy(update=resolved)})
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that gives a key twice (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in the same mapping (lines {lines[key]} and "
+                    f"{line}): keep one", key_node.start_mark)
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> Any:
+    """The YAML of a config file: refused when it is not UTF-8 YAML, repeats a key, or is empty."""
     if path.is_dir():
         raise ConfigError(f"config path {path} is a directory, not a YAML file; pass the .yaml file itself")
     if not path.is_file():
@@ -278,12 +315,17 @@ def _read_yaml(path: Path) -> Any:
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
     try:
-        return yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds no Python objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        raise ConfigError(
+            f"config file {path} is empty: it would train every default (dinov2 small + UperNet from random "
+            "weights, 1000 epochs); write `{}` in it to mean all defaults, or start from a file in configs/")
+    return data
 
 
 def _check_patch_size(cfg: SegframeConfig, source: str) -> None:
@@ -318,10 +360,9 @@ def missing_weights(cfg: SegframeConfig) -> str | None:
 def check_config(path: str | Path) -> tuple[SegframeConfig, list[str]]:
     """Everything `load_config` checks, plus what needs the backbone's architecture (`model.layers`
     against its depth; the backbone is built on the meta device, so no memory or weights). Returns
-    the config and notes for the user (an empty file: all defaults apply)."""
+    the config and notes for the user."""
     path = Path(path)
-    data = _read_yaml(path)
-    notes = [f"config file {path} is empty: all defaults apply"] if data is None else []
+    notes: list[str] = []
     cfg = load_config(path)
     if why := missing_weights(cfg):
         notes.append(f"`segframe train` will refuse {path}: {why}")

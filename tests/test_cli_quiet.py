@@ -59,12 +59,15 @@ def test_config_check_errors(tmp_path, capsys):
     assert code == 1 and "model.layers: [1, 7] invalid for dinov2 tiny with 4 blocks" in err, err
 
 
-def test_config_check_empty_file_says_defaults_apply(tmp_path, capsys):
+def test_config_check_refuses_an_empty_file_and_takes_braces_for_defaults(tmp_path, capsys):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     code, out, err = check(empty, capsys)
-    assert code == 0 and "is empty: all defaults apply" in err
-    assert yaml.safe_load(out)["model"]["backbone"]["name"] == "dinov2"
+    assert code == 1 and "is empty: it would train every default" in err and "`{}`" in err
+    braces = tmp_path / "braces.yaml"
+    braces.write_text("{}")
+    code, out, err = check(braces, capsys)
+    assert code == 0 and err == "" and yaml.safe_load(out)["model"]["backbone"]["name"] == "dinov2"
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump({"model": {**TINY, "layers": [0, 3]},
                                     "train": {"patch_size": [70, 70]}}))
