@@ -180,6 +180,7 @@ def _check_arguments(args: argparse.Namespace) -> tuple[Path, int | str]:
 
 def _run_train(args: argparse.Namespace) -> int:
     """Check everything (arguments, data, plans, checkpoints) before writing anything, then train."""
+    from segframe.config import missing_weights
     from segframe.nnunet.plans import (
         config_from_configuration,
         nnunet_folder,
@@ -196,6 +197,8 @@ def _run_train(args: argparse.Namespace) -> int:
     device = _device(args.device)
     cfg = config_from_configuration(resolved_configuration(stored, args.configuration), f"plans {name!r}")
     resolve_precision(cfg.train.precision, device)
+    if not (args.c or args.val) and (why := missing_weights(cfg)):  # --c / --val load nnU-Net's checkpoints
+        raise SegframeError(f"{args.config or name}: {why}")
     output = results_folder(nnunet_folder("nnUNet_results"), dataset_dir.name, name, args.configuration)
     fold_dir = output / f"fold_{fold}"
     existing = sorted(p.name for p in fold_dir.glob("checkpoint_*.pth"))
