@@ -3,7 +3,8 @@
 Only what a ViT needs changes: the network (from the plans configuration's `segframe`
 section, so inference rebuilds it with no YAML), deep supervision off, AdamW with parameter
 groups (no decay on norms, biases and tokens; optional layer-wise LR decay and backbone LR
-scale), linear warmup then poly decay, the config's gradient clip, epochs and iterations,
+scale) or nnU-Net's SGD (`train.optimizer`), linear warmup then poly decay, the config's
+gradient clip, epochs and iterations,
 the auxiliary-head loss (or the head's own loss), the optional Skeleton Recall term
 (`train.loss`), and what makes a run trustworthy: weights-only checkpoint loading with a
 readable fallback, atomic checkpoint writes, the best EMA Dice kept over `--c`, skipped NaN/inf
@@ -97,8 +98,10 @@ def check_validation_precision(precision: str, device: torch.device) -> None:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`train.precision` for a device: auto = bf16 on CUDA that supports it, fp16 (with a grad scaler)
-    on older CUDA, fp32 elsewhere."""
+    on older CUDA, fp32 elsewhere; nnunet = fp16 on any CUDA, fp32 elsewhere (nnU-Net's trainer)."""
     cuda = device.type == "cuda"
+    if precision == "nnunet":
+        return "fp16" if cuda else "fp32"
     if precision == "auto":
         if not cuda:
             return "fp32"
@@ -288,7 +291,13 @@ class nnUNetTrainerSegframe(nnUNetTrainer):
         train = self.segframe_config.train
         groups = self.model.param_groups(self.initial_lr, self.weight_decay, train.layer_decay,
                                          train.backbone_lr_scale)
-        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, weight_decay=self.weight_decay)
+        if train.optimizer == "sgd":  # nnU-Net's: weight decay on every parameter
+            for group in groups:
+                group["weight_decay"] = self.weight_decay
+            optimizer = torch.optim.SGD(groups, lr=self.initial_lr, weight_decay=self.weight_decay,
+                                        momentum=0.99, nesterov=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, weight_decay=self.weight_decay)
         return optimizer, WarmupPolyLR(optimizer, self.initial_lr, self.num_epochs, train.warmup_epochs)
 
     def on_train_start(self) -> None:
