@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 from segframe import ConfigError, DecoderSpec, hookimpl
+from segframe.upsample import ForkUpsampler
 
 Variant = Literal["standard", "progressive", "full_resolution"]
 
@@ -43,50 +44,16 @@ class SegformerParams(BaseModel):
     )
 
 
-def _norm_groups(channels: int) -> int:
-    """GroupNorm groups of a progressive stage: the largest of 32, 16, 8, 4, 2, 1 that divides the width."""
-    return next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
-
-
-class ProgressiveStages(nn.Module):
-    """Learned x2 stages on the fused features, then a 1x1 classifier (`variant: progressive`).
-
-    Each stage: bilinear x2, conv3x3-GN-ReLU-Dropout2d-conv3x3-GN-ReLU (convs without bias); widths
-    `channels`, then halved per stage, never below 32. The classifier runs at the last stage's
-    resolution: a 1x1 conv commutes with the model's final bilinear resize (its weights sum to 1),
-    so this equals classifying after the resize, at a fraction of the cost.
-    """
-
-    def __init__(self, channels: int, num_classes: int, dropout: float, num_stages: int = 2):
-        super().__init__()
-        widths = [channels] + [max(channels >> i, 32) for i in range(num_stages)]
-        self.stages = nn.ModuleList(
-            nn.Sequential(
-                nn.Conv2d(c_in, c, kernel_size=3, padding=1, bias=False),
-                nn.GroupNorm(_norm_groups(c), c),
-                nn.ReLU(inplace=True),
-                nn.Dropout2d(dropout),
-                nn.Conv2d(c, c, kernel_size=3, padding=1, bias=False),
-                nn.GroupNorm(_norm_groups(c), c),
-                nn.ReLU(inplace=True),
-            )
-            for c_in, c in zip(widths, widths[1:], strict=False)
-        )
-        self.seg_head = nn.Conv2d(widths[-1], num_classes, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for stage in self.stages:
-            x = stage(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
-        return self.seg_head(x)
-
-
 class SegformerDecoder(nn.Module):
     """Project each level to `hidden_size` (a linear map per pixel), resize all to the first
     level, concatenate (deepest first, as the original), fuse with 1x1 conv + BN + ReLU,
     dropout (`dropout_type`), 1x1 classifier. Logits come at the first level's resolution (`output_stride`).
 
-    `variant: progressive`: the classifier gives `hidden_size` channels, and `ProgressiveStages`
-    (two x2 stages + a 1x1 classifier) give logits at a quarter of the first level's stride.
+    `variant: progressive`: the classifier gives `hidden_size` channels, and segframe's
+    `ForkUpsampler` (two learned x2 stages, `hidden_size` then half as wide, at least 32, and a 1x1
+    classifier) gives logits at a quarter of the first level's stride. The classifier runs there,
+    not after the model's final bilinear resize as in the fork: a 1x1 conv commutes with that
+    resize (its weights sum to 1), so the logits are the same at a fraction of the cost.
     `variant: full_resolution`: the fused map (before BN) is resized to the padded image, then BN,
     ReLU, dropout and the classifier run there: logits at stride 1. Projections, resize and the
     fuse conv are linear and the resize's weights sum to 1, so this equals resizing every level
@@ -115,12 +82,12 @@ class SegformerDecoder(nn.Module):
         self.dropout = (nn.Dropout2d if params.dropout_type == "channel" else nn.Dropout)(params.dropout)
         progressive = params.variant == "progressive"
         self.classifier = nn.Conv2d(d, d if progressive else num_classes, kernel_size=1)
-        self.upsampler = ProgressiveStages(d, num_classes, params.dropout) if progressive else None
+        self.upsampler = ForkUpsampler(d, num_classes, d, dropout=params.dropout) if progressive else None
         self._init_weights()
 
     def _init_weights(self) -> None:
         # SegFormer: truncated N(0, 0.02) for the MLPs; mmseg: Kaiming for conv+BN, N(0, 0.01) classifier;
-        # the progressive stages keep PyTorch's defaults, as the fork's
+        # the progressive upsampler keeps PyTorch's defaults, as the fork's
         for proj in self.projections:
             nn.init.trunc_normal_(proj.weight, std=0.02)
             nn.init.zeros_(proj.bias)
@@ -141,7 +108,9 @@ class SegformerDecoder(nn.Module):
             image = [round(s * self.first_stride) for s in size]
             x = F.interpolate(x, size=image, mode="bilinear", align_corners=False)
         x = self.classifier(self.dropout(self.activation(self.norm(x))))
-        return x if self.upsampler is None else self.upsampler(x)
+        if self.upsampler is None:
+            return x
+        return self.upsampler(x, [s << self.upsampler.num_stages for s in x.shape[-2:]])
 
 
 def build(

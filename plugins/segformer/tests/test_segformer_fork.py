@@ -41,7 +41,7 @@ def fork_model(fork_file: str, backbone: str) -> torch.nn.Module:
 
 def fork_head_state(fork: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The fork's decode head (transformers' SegformerDecodeHead, 4.x or 5.x names) and upsampler
-    under the plugin's names; per-level linear projections become 1x1 convs."""
+    under the plugin's names; per-level linear projections become 1x1 convs, `seg_head` is `out`."""
     state = {}
     for key, value in fork.decode_head.state_dict().items():
         parts = key.split(".")
@@ -52,7 +52,8 @@ def fork_head_state(fork: torch.nn.Module) -> dict[str, torch.Tensor]:
             key = {"linear_fuse": "fuse", "batch_norm": "norm"}.get(parts[0], parts[0]) + key[len(parts[0]):]
         state[key] = value
     if hasattr(fork, "upsampler"):
-        state.update({f"upsampler.{k}": v for k, v in fork.upsampler.state_dict().items()})
+        state.update({"upsampler." + k.replace("seg_head.", "out."): v
+                      for k, v in fork.upsampler.state_dict().items()})
     return state
 
 
