@@ -70,6 +70,9 @@ class ViTSegModel(nn.Module):
         self.intermediate_norm = (
             self.backbone.intermediate_norm if m.intermediate_norm is None else m.intermediate_norm
         )
+        # blocks after the last chosen layer (and the final norm the features do not use) are not
+        # kept: they would be saved, exported and left without gradient (an error under DDP)
+        self.backbone.prune(self.layers, norm=self.intermediate_norm)
         self.patch_size = self.backbone.patch_size
         mean, std = torch.tensor(self.backbone.mean), torch.tensor(self.backbone.std)
         if backbone_chans != 3:
@@ -124,7 +127,6 @@ class ViTSegModel(nn.Module):
             self.backbone.requires_grad_(False)
         if config.lora.enabled:
             self.enable_lora()
-        self._freeze_unused()
         if m.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
 
@@ -159,16 +161,6 @@ class ViTSegModel(nn.Module):
                 "choose another backbone or a decoder option that does not read it"
             )
         return needed
-
-    def _freeze_unused(self) -> None:
-        """Freeze backbone parameters the forward never uses: blocks after the last chosen layer,
-        and the final norm when intermediate features are not normed. They would get no gradient,
-        which DDP (as nnU-Net runs it) treats as an error."""
-        vit = self.backbone.vit
-        for block in list(vit.blocks)[max(self.layers) + 1:]:
-            block.requires_grad_(False)
-        if not self.intermediate_norm and isinstance(getattr(vit, "norm", None), nn.Module):
-            vit.norm.requires_grad_(False)
 
     # ------------------------------------------------------------ forward
 
@@ -313,7 +305,6 @@ class ViTSegModel(nn.Module):
         """
         if not self.lora_active:
             add_lora(self.backbone.vit, self.config.lora)
-            self._freeze_unused()
         self._set_lora_flag(True)
 
     def disable_lora(self) -> None:

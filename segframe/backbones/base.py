@@ -25,6 +25,8 @@ from segframe.backbones.checkpoint import (
     describe_layout,
     read_weights,
     state_dict_from,
+    unbuilt_keys,
+    unbuilt_modules,
 )
 from segframe.backbones.hf import ARCHITECTURES, check_hf_config, hf_model_type, hf_to_official, read_json
 from segframe.errors import CheckpointError, ConfigError, SegframeError
@@ -111,6 +113,7 @@ class Backbone(nn.Module):
     features), `in_chans`, `vit` (the timm module, for peft and gradient checkpointing), and
     `num_prefix_tokens` / `has_cls_token` / `num_register_tokens` (the tokens before the patches).
     `checkpoint_format` describes the family's official files (see `load_checkpoint`).
+    `num_layers` stays the family's depth after `prune`; `vit.blocks` then holds only the blocks built.
     """
 
     def __init__(
@@ -147,6 +150,7 @@ class Backbone(nn.Module):
         self.num_prefix_tokens = int(getattr(vit, "num_prefix_tokens", 0))
         self.has_cls_token = getattr(vit, "cls_token", None) is not None
         self.num_register_tokens = self.num_prefix_tokens - int(self.has_cls_token)
+        self.pruned = self.norm_pruned = False  # see `prune`
 
     def check_layers(self, layers: list[int]) -> list[int]:
         bad = [i for i in layers if not 0 <= i < self.num_layers]
@@ -155,9 +159,15 @@ class Backbone(nn.Module):
                 f"model.layers {layers} invalid for {self.family} {self.size} with {self.num_layers} blocks: "
                 f"use indices 0..{self.num_layers - 1} (default {self.default_layers})"
             )
+        if max(layers) >= len(self.vit.blocks):
+            raise SegframeError(
+                f"model.layers {layers}: this {self.family} {self.size} was pruned after block "
+                f"{len(self.vit.blocks) - 1} (blocks after the last chosen layer are not built); rebuild it "
+                "with the layers you need"
+            )
         if list(layers) != sorted(set(layers)):
             # heads read levels shallow to deep (the last is the deepest), and blocks after the
-            # deepest one are frozen: an unsorted list would leave trainable blocks without gradient
+            # deepest one are not built: an unsorted list would drop blocks a level needs
             raise SegframeError(
                 f"model.layers {layers} must be strictly increasing block indices, shallow to deep, "
                 f"e.g. {sorted(set(layers))}"
@@ -183,6 +193,9 @@ class Backbone(nn.Module):
             )
         layers = self.check_layers(self.default_layers if layers is None else layers)
         norm = self.intermediate_norm if norm is None else norm
+        if norm and self.norm_pruned:
+            raise SegframeError(f"the final norm of this {self.family} {self.size} was pruned: rebuild it "
+                                "with model.intermediate_norm: true to read normed features")
         if prefix_tokens and not self.num_prefix_tokens:
             raise SegframeError(f"backbone {self.family} {self.size} has no prefix tokens (no CLS token)")
         # stop_early: the blocks after the last of `layers` are not run (timm runs every block otherwise)
@@ -196,6 +209,24 @@ class Backbone(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vit.set_grad_checkpointing(enable)
+
+    def prune(self, layers: list[int], norm: bool) -> list[str]:
+        """Remove what features of `layers` never run, with timm's `prune_intermediate_layers`: the blocks
+        after the last of `layers`, and the final norm unless `norm` (the features are normed).
+
+        Parameters, optimizers, checkpoints and exports then hold only the modules run. Loading drops
+        the removed modules' keys: `prepare_state_dict` reports them, and `load_state_dict` of any model
+        holding this backbone skips them (state dicts saved before pruning). Returns their timm keys.
+        """
+        layers = self.check_layers(layers)
+        before = self.vit.state_dict()
+        self.vit.prune_intermediate_layers(layers, prune_norm=not norm, prune_head=False)
+        self.norm_pruned = self.norm_pruned or not norm
+        pruned = unbuilt_keys(before, self.vit.state_dict())
+        if pruned and not self.pruned:
+            self.register_load_state_dict_pre_hook(_drop_unbuilt)
+        self.pruned = self.pruned or bool(pruned)
+        return pruned
 
     # ------------------------------------------------------------ checkpoints
 
@@ -372,6 +403,8 @@ class Backbone(nn.Module):
             raise CheckpointError(f"{name}: {exc}") from None
         keys = self._target_keys()
         target = self.vit.state_dict()
+        pruned = unbuilt_keys(out, keys) if self.pruned else []
+        out = {k: v for k, v in out.items() if k not in pruned}
         missing = sorted(k for k in keys if k not in out)
         unexpected = sorted(k for k in out if k not in keys)
         shapes = sorted(
@@ -395,7 +428,7 @@ class Backbone(nn.Module):
                 + ". Check model.backbone, model.backbone_size and the backbone options."
             )
         report = LoadReport(name, source, loaded=sorted(out), dropped=dropped, missing=missing,
-                            notes=notes, format=layout)
+                            notes=notes, format=layout, pruned=pruned)
         return {keys[k]: v for k, v in out.items()}, report
 
     def load_checkpoint(self, path: str | Path, trust: bool = False, strict: bool = True) -> LoadReport:
@@ -410,6 +443,19 @@ class Backbone(nn.Module):
         self.vit.load_state_dict(state, strict=False)
         log.info(report.summary())
         return report
+
+
+def _drop_unbuilt(module: Backbone, state_dict: dict, prefix: str, *_) -> None:
+    """load_state_dict pre-hook of a pruned backbone: a state dict saved before pruning loads, its keys
+    of the modules not built are skipped (they were never run, so nothing trained is lost)."""
+    vit = f"{prefix}vit."
+    dropped = unbuilt_keys([k for k in state_dict if k.startswith(vit)],
+                           [vit + k for k in module.vit.state_dict()], vit)
+    for k in dropped:
+        del state_dict[k]
+    if dropped:
+        log.info("state dict: skipped %d keys of modules the pruned backbone does not run (%s)",
+                 len(dropped), unbuilt_modules(dropped))
 
 
 def check_size(sizes: dict, size: str, family: str) -> None:

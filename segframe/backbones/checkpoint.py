@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,14 +37,18 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # conversions done, e.g. a resized position embedding
     format: str = ""  # the layout read: "official dinov3", "timm dinov3", "Hugging Face DINOv3ViTModel", ...
+    pruned: list[str] = field(default_factory=list)  # timm keys of modules the model does not build
 
     def summary(self) -> str:
         """One line: layout, counts, and the dropped/missing keys grouped by pattern."""
         where = f"{self.format}, {self.source}" if self.format else self.source
         line = (f"checkpoint {self.path} ({where}): loaded {len(self.loaded)}, "
-                f"dropped {len(self.dropped)}, missing {len(self.missing)}")
+                f"dropped {len(self.dropped) + len(self.pruned)}, missing {len(self.missing)}")
         if self.notes:
             line += "; " + "; ".join(self.notes)
+        if self.pruned:
+            line += (f"; dropped {len(self.pruned)} keys of modules the model does not run "
+                     f"({unbuilt_modules(self.pruned)})")
         if self.dropped:
             line += f"; dropped {group_keys(self.dropped)}"
         if self.missing:
@@ -92,6 +96,33 @@ def group_keys(keys: list[str], limit: int = 6) -> str:
     parts = [f"{p} ({n})" if n > 1 else p for p, n in counts.items()]
     more = f", ... ({len(parts) - limit} more patterns)" if len(parts) > limit else ""
     return ", ".join(parts[:limit]) + more
+
+
+def unbuilt_keys(keys: Iterable[str], built: Collection[str], prefix: str = "") -> list[str]:
+    """The keys of `keys` for ViT modules a pruned backbone does not build (see `Backbone.prune`).
+
+    `built` are the model's state-dict keys and `prefix` is where its ViT's keys start (`""` for
+    timm's keys, `backbone.vit.` in a ViTSegModel): keys of blocks after the last block in `built`,
+    and of the final norm when `built` has none. Nothing is returned for a model without blocks.
+    """
+    key, built = re.compile(re.escape(prefix) + r"(?:blocks\.(\d+)|(norm))\."), set(built)
+    built_blocks = [int(m[1]) for k in built if (m := key.match(k)) and m[1] is not None]
+    if not built_blocks:
+        return []
+    depth, has_norm = max(built_blocks) + 1, any(k.startswith(f"{prefix}norm.") for k in built)
+    return [k for k in keys if k not in built and (m := key.match(k))
+            and (int(m[1]) >= depth if m[1] is not None else not has_norm)]
+
+
+def unbuilt_modules(keys: Collection[str]) -> str:
+    """'blocks 6..11, final norm' for the keys `unbuilt_keys` returned."""
+    blocks = sorted({int(m[1]) for k in keys if (m := re.search(r"(?:^|\.)blocks\.(\d+)\.", k))})
+    parts = []
+    if blocks:
+        parts.append(f"blocks {blocks[0]}..{blocks[-1]}" if len(blocks) > 1 else f"block {blocks[0]}")
+    if any(re.search(r"(?:^|vit\.)norm\.", k) for k in keys):
+        parts.append("final norm")
+    return ", ".join(parts)
 
 
 def _weights_only_reason(exc: Exception) -> str:

@@ -167,20 +167,21 @@ def config_geometry(config: Mapping[str, Any], model_type: str) -> dict[str, Any
     return geo
 
 
-def model_geometry(vit: torch.nn.Module) -> dict[str, Any]:
-    """The same fields for a timm ViT (timm VisionTransformer for DINOv2, Eva for DINOv3)."""
+def model_geometry(vit: torch.nn.Module, depth: int) -> dict[str, Any]:
+    """The same fields for a timm ViT (timm VisionTransformer for DINOv2, Eva for DINOv3) of `depth` blocks
+    (its family's depth: a pruned ViT builds fewer)."""
     blk = vit.blocks[0]
     reg = getattr(vit, "reg_token", None)
     patch = vit.patch_embed.proj.weight
     gated = type(blk.mlp).__name__ in ("SwiGLU", "GluMlp")
     act = getattr(blk.mlp, "act", None)
     geo: dict[str, Any] = {
-        "hidden_size": int(vit.embed_dim), "num_hidden_layers": len(vit.blocks),
+        "hidden_size": int(vit.embed_dim), "num_hidden_layers": depth,
         "num_attention_heads": int(blk.attn.num_heads), "patch_size": int(patch.shape[-1]),
         "num_register_tokens": int(reg.shape[1]) if reg is not None else 0,
         "layer_scale": getattr(blk, "gamma_1", None) is not None or not isinstance(
             getattr(blk, "ls1", torch.nn.Identity()), torch.nn.Identity),
-        "layer_norm_eps": float(vit.norm.eps),
+        "layer_norm_eps": float(blk.norm1.eps),  # the final norm's too (it may be pruned)
         "use_swiglu_ffn": gated, "use_gated_mlp": gated,
         "hidden_act": {"GELU": "gelu", "SiLU": "silu"}.get(type(act).__name__, type(act).__name__),
     }
@@ -220,7 +221,7 @@ def check_hf_config(
         given = config_geometry(config, model_type)
         file.update(given)
         named.update(dict.fromkeys(given, config_name))
-    model = model_geometry(backbone.vit)
+    model = model_geometry(backbone.vit, backbone.num_layers)
     # a file without DINOv3's q/v biases fits a model with them (zero biases: the same function)
     lenient = {"query_bias", "value_bias"}
     wrong = [f"{k}: {named[k]} {file[k]}, {backbone.family} {backbone.size} {model[k]}"

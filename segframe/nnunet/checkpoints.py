@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from segframe.backbones.checkpoint import unbuilt_keys
 from segframe.errors import CheckpointError
 from segframe.nnunet import TRAINER_NAME
 
@@ -141,10 +142,14 @@ def check_trainer(checkpoint: dict[str, Any], path: Path) -> None:
 
 def check_weights_fit(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
                       path: Path) -> None:
-    """CheckpointError naming the keys and shapes that differ between a checkpoint and the plans' model."""
+    """CheckpointError naming the keys and shapes that differ between a checkpoint and the plans' model.
+
+    Keys of backbone blocks the model no longer builds (checkpoints saved before pruning) fit: loading
+    skips them (see `Backbone.prune`)."""
     weights = {k[7:] if k.startswith("module.") and k not in expected else k: v for k, v in weights.items()}
     missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
+    pruned = set(unbuilt_keys(weights, expected, "backbone.vit."))
+    unexpected = [k for k in weights if k not in expected and k not in pruned]
     shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
     if not (missing or unexpected or shapes):
