@@ -1,5 +1,6 @@
 """Faults a user meets: a killed training process, a run that diverges, empty or ambiguous configs, broken
-links among the inputs, and an output folder that cannot take the masks (a file, read-only, a full disk).
+links among the inputs, an output folder that cannot take the masks (a file, read-only, a full disk), and
+predictions outside an image's field of view (`segframe predict --fov`).
 
 End-to-end runs train dinov2 tiny + UperNet on the disc world for a moment (48x48 patches, batch 2); the
 disk cases use a small tmpfs where the test may mount one (root), else a patched write raising ENOSPC.
@@ -170,6 +171,40 @@ def test_a_broken_link_is_named_and_fails_the_run(disc_world, trained, images, t
                          f"{tmp_path / 'nowhere.png'}, which does not exist)")
     assert errors[1] == "segframe predict: error: 1 of 3 input(s) were not predicted: gone.png"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ts_000.png", "ts_001.png"]
+
+
+# ------------------------------------------------------------------ 7. pixels outside the field of view
+
+
+def test_fov_masks_clear_what_lies_outside(disc_world, trained, images, tmp_path):
+    """--fov: background (label 0, probability 1) outside each image's FOV mask, the prediction unchanged
+    inside; an input without a mask is refused before anything runs."""
+    import numpy as np
+    from PIL import Image
+
+    fov = tmp_path / "fov"
+    fov.mkdir()
+    inside = np.zeros((64, 64), np.uint8)
+    inside[8:56, 20:60] = 1
+    for name in ("ts_000", "ts_001"):
+        Image.fromarray(inside).save(fov / f"{name}.png")
+    plain = predict(disc_world, trained, images, tmp_path / "plain", "--save_probabilities")
+    cleared = predict(disc_world, trained, images, tmp_path / "cleared", "--save_probabilities", "--fov", fov)
+    assert plain.returncode == 0 and cleared.returncode == 0, cleared.stderr[-3000:]
+    mask = inside.astype(bool)
+    for name in ("ts_000", "ts_001"):
+        before = np.asarray(Image.open(tmp_path / "plain" / f"{name}.png"))
+        after = np.asarray(Image.open(tmp_path / "cleared" / f"{name}.png"))
+        assert np.array_equal(after[mask], before[mask]) and not after[~mask].any()
+        probs = np.load(tmp_path / "cleared" / f"{name}.npz")["probabilities"][:, 0]
+        plain_probs = np.load(tmp_path / "plain" / f"{name}.npz")["probabilities"][:, 0]
+        assert np.array_equal(probs[:, mask], plain_probs[:, mask])
+        assert (probs[0][~mask] == 1).all() and (probs[1][~mask] == 0).all()
+        assert not (plain_probs[0][~mask] == 1).all()  # the clearing, not the model, made them so
+    (fov / "ts_001.png").unlink()
+    line = error_line(predict(disc_world, trained, images, tmp_path / "none", "--fov", fov))
+    assert line.endswith(f"--fov {fov} has no mask for 1 input(s): ts_001.png; each input needs <name>.png "
+                         "there") and not (tmp_path / "none").exists()
 
 
 # ------------------------------------------------------------------ 6. outputs that cannot be written

@@ -378,6 +378,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--colour", action="store_true",
                          help="also write each PNG mask colour-coded as <-o>/colour/<stem>.png (the results "
                               "folder's dataset.json label_colours, else black, red, blue, green, ...)")
+    predict.add_argument("--fov", metavar="FOLDER",
+                         help="field-of-view masks <name>.png (nonzero inside; e.g. a dataset's fovTs): "
+                              "pixels outside are written as background (label 0, probability 1)")
     predict.add_argument("--overwrite", action="store_true",
                          help="replace files in -o that this run writes (other files are never touched)")
     predict.add_argument("--trust-checkpoint", action="store_true",

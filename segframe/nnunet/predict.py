@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from segframe.errors import SegframeError
-from segframe.images import IMAGE_SUFFIXES, ImageError, InputSpec, read_image, reason
+from segframe.images import IMAGE_SUFFIXES, ImageError, InputSpec, read_image, read_pil, reason
 
 SPACING_2D = {"spacing": (999, 1, 1)}  # what nnU-Net's NaturalImage2DIO gives every 2D image
 PRECISIONS = ("fp32", "bf16")  # the network's arithmetic at prediction (`--precision`)
@@ -318,6 +318,35 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def fov_masks(folder: Path, jobs: list[Job]) -> dict[Job, Path]:
+    """The field-of-view mask `<name>.png` in `folder` of each job (as `segframe data` writes fovTs);
+    refused before anything runs when the folder or a mask is missing."""
+    if not folder.is_dir():
+        raise SegframeError(f"--fov {folder} is not a folder of field-of-view masks (<name>.png)")
+    masks = {job: folder / f"{job.name}.png" for job in jobs}
+    missing = [path.name for path in masks.values() if not path.is_file()]
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise SegframeError(f"--fov {folder} has no mask for {len(missing)} input(s): {shown}; each input "
+                            "needs <name>.png there")
+    return masks
+
+
+def clear_outside(seg: np.ndarray, probs: Any, inside: np.ndarray, source: Path) -> tuple[np.ndarray, Any]:
+    """nnU-Net's (1, H, W) segmentation with background (label 0) outside the field of view `inside`
+    (H, W), and there probability 1 for the background."""
+    if inside.shape != seg.shape[-2:]:
+        raise ImageError(f"{source}: the field-of-view mask is {inside.shape[1]}x{inside.shape[0]}, the "
+                         f"image {seg.shape[-1]}x{seg.shape[-2]}")
+    seg = seg.copy()
+    seg[..., ~inside] = 0
+    if probs is not None:
+        probs = np.array(probs, copy=True)
+        probs[..., ~inside] = 0
+        probs[0][..., ~inside] = 1
+    return seg, probs
+
+
 def prepare_output_folder(out: Path) -> None:
     """Create `-o` and write a file into it (removed again), so that a folder that cannot take the outputs
     is one error before any prediction."""
@@ -387,6 +416,7 @@ def predict_command(args: argparse.Namespace) -> int:
     jobs, skipped, broken = find_inputs(source, ending)
     if out.exists() and not out.is_dir():
         raise SegframeError(f"-o {out} is a file, not a folder: name a folder for the masks")
+    fov = fov_masks(Path(args.fov), jobs) if args.fov else {}
     writes = {job: output_files(job, out, args.save_probabilities) for job in jobs}
     if args.colour:  # refused and replaced like the masks; a bad colour table before any prediction
         from segframe.colours import colour_path, colour_table, read_dataset
@@ -433,6 +463,13 @@ def predict_command(args: argparse.Namespace) -> int:
                 failed.append(job.files[0].name)
                 continue
             seg, probs = predictor.run(data, props, args.save_probabilities)
+            if fov:
+                try:
+                    seg, probs = clear_outside(seg, probs, read_pil(fov[job], "L") > 0, fov[job])
+                except ImageError as exc:
+                    print(f"segframe predict: error: {exc}", file=sys.stderr, flush=True)
+                    failed.append(job.files[0].name)
+                    continue
             writes.append(writers.submit(predictor.write, job, out, seg, probs, props))
             while len(writes) > args.nps:
                 writes.popleft().result()
