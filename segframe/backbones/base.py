@@ -290,7 +290,7 @@ class Backbone(nn.Module):
         model can map these keys onto a peft-wrapped backbone itself.
         """
         sd, _ = state_dict_from(raw, self._format().containers)
-        out, dropped, _, _ = self._convert_any(sd, config, "config")
+        out, dropped, _, _, _ = self._convert_any(sd, config, "config")
         return out, dropped
 
     def _resize_pos_embed(self, sd: dict[str, torch.Tensor]) -> list[str]:
@@ -307,8 +307,15 @@ class Backbone(nn.Module):
         return [f"position embedding resized from the file's {old[0]}x{old[1]} grid to {grid[0]}x{grid[1]} "
                 f"({how}, as {self.family}'s own loader does)"]
 
-    def _convert_noted(self, sd: dict[str, torch.Tensor], fmt: CheckpointFormat) -> tuple[dict, list[str],
-                                                                                          list[str]]:
+    def _convert_noted(
+        self, sd: dict[str, torch.Tensor], fmt: CheckpointFormat
+    ) -> tuple[dict, list[str], list[str], list[str]]:
+        # keys of modules a pruned backbone lacks leave before timm's converter, which would print an
+        # error for each of DINOv3's q/v biases there (official, timm and converted Hugging Face files
+        # all name them `blocks.<i>.` and `norm.`)
+        pruned = unbuilt_keys(sd, self.vit.state_dict()) if self.pruned else []
+        gone = set(pruned)
+        sd = {k: v for k, v in sd.items() if k not in gone}
         drop = re.compile("|".join(f"(?:{p})" for p in fmt.drop)) if fmt.drop else None
         dropped = sorted(k for k in sd if drop and drop.match(k))
         self._check_geometry(sd)
@@ -335,7 +342,7 @@ class Backbone(nn.Module):
                     f"cannot adapt the file's {w.shape[1]}-channel patch embedding to "
                     f"in_chans={self.in_chans}"
                 ) from None
-        return out, dropped, notes
+        return out, dropped, notes, pruned
 
     def _target_keys(self) -> dict[str, str]:
         """timm key -> key in `self.vit.state_dict()`; peft wraps `qkv` as `qkv.base_layer` + adapters."""
@@ -348,8 +355,9 @@ class Backbone(nn.Module):
 
     def _convert_any(
         self, sd: dict[str, torch.Tensor], config: dict | None, config_name: str
-    ) -> tuple[dict, list[str], list[str], str]:
-        """Any layout the family reads -> (timm state dict, dropped file keys, notes, layout read).
+    ) -> tuple[dict, list[str], list[str], str, list[str]]:
+        """Any layout the family reads -> (timm state dict, dropped file keys, notes, layout read, keys of
+        modules a pruned backbone does not build, in the official layout).
 
         Hugging Face weights are checked against the backbone (config fields, else tensor shapes)
         and renamed to the official layout; from there every layout takes the same path.
@@ -357,17 +365,17 @@ class Backbone(nn.Module):
         fmt = self._format()
         model_type = hf_model_type(sd)
         if model_type is None:
-            out, dropped, notes = self._convert_noted(sd, fmt)
-            return out, dropped, notes, fmt.layout(sd)
+            out, dropped, notes, pruned = self._convert_noted(sd, fmt)
+            return out, dropped, notes, fmt.layout(sd), pruned
         if model_type not in fmt.hf_model_types:
             raise CheckpointError(
                 f"{self.family} does not read this file: it holds {describe_layout(sd)}"
             )
         check_hf_config(self, sd, model_type, config, config_name)
         official, origin = hf_to_official(sd, model_type)
-        out, dropped, notes = self._convert_noted(official, fmt)
+        out, dropped, notes, pruned = self._convert_noted(official, fmt)
         return out, sorted(origin[k] for k in dropped if k in origin), notes, \
-            f"Hugging Face {ARCHITECTURES[model_type]}"
+            f"Hugging Face {ARCHITECTURES[model_type]}", pruned
 
     def prepare_checkpoint(
         self, path: str | Path, trust: bool = False, strict: bool = True
@@ -398,13 +406,11 @@ class Backbone(nn.Module):
         family reads; `config`: the contents of a Hugging Face config.json, if any)."""
         fmt = self._format()
         try:
-            out, dropped, notes, layout = self._convert_any(sd, config, "config.json")
+            out, dropped, notes, layout, pruned = self._convert_any(sd, config, "config.json")
         except CheckpointError as exc:
             raise CheckpointError(f"{name}: {exc}") from None
         keys = self._target_keys()
         target = self.vit.state_dict()
-        pruned = unbuilt_keys(out, keys) if self.pruned else []
-        out = {k: v for k, v in out.items() if k not in pruned}
         missing = sorted(k for k in keys if k not in out)
         unexpected = sorted(k for k in out if k not in keys)
         shapes = sorted(

@@ -37,7 +37,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # conversions done, e.g. a resized position embedding
     format: str = ""  # the layout read: "official dinov3", "timm dinov3", "Hugging Face DINOv3ViTModel", ...
-    pruned: list[str] = field(default_factory=list)  # timm keys of modules the model does not build
+    pruned: list[str] = field(default_factory=list)  # file keys (official names) of modules not built
 
     def summary(self) -> str:
         """One line: layout, counts, and the dropped/missing keys grouped by pattern."""
