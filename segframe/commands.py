@@ -146,7 +146,6 @@ def _config(args: argparse.Namespace) -> int:
 
         result = migrate_file(args.file, args.output, overwrite=args.overwrite, checkpoint=args.checkpoint)
         print(result.report(args.file, args.output))
-        print(f"wrote {args.output}; it passes `segframe config check`")
     else:
         print(json.dumps(config_schema(), indent=2))
     return 0

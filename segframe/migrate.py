@@ -138,7 +138,9 @@ class Migration:
         return f"{self.differences} difference{'s' * (self.differences != 1)} (the DIFFERENCE lines above)"
 
     def report(self, source: str | Path, output: str | Path) -> str:
-        return "\n".join([f"{source} -> {output}:", *self.lines, f"verdict: {self.verdict()}"])
+        """What `segframe config migrate` prints once `output` is written: the lines, then the verdict."""
+        return "\n".join([f"{source} -> {output}:", *self.lines,
+                          f"wrote {output}; it passes `segframe config check`", f"verdict: {self.verdict()}"])
 
 
 def _show(value: Any) -> str:
@@ -238,8 +240,9 @@ def _backbone(model: dict, out: Migration, checkpoint: str | None) -> tuple[str,
     elif checkpoint:
         out.set("model", "checkpoint_path", checkpoint)
         out.line("model.checkpoint_path", f"empty: the fork started from timm's pretrained {weights}; "
-                                          f"written as model.pretrained: timm:{weights}, with that file "
-                                          "from --checkpoint")
+                                          f"written as model.pretrained: timm:{weights}, with the file "
+                                          "from --checkpoint (read when training starts, which refuses a "
+                                          "file that does not fit)")
     else:
         out.set("model", "checkpoint_path", "")
         out.differ("model.checkpoint_path", f"empty: the fork started from timm's pretrained {weights}; "

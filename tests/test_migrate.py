@@ -69,7 +69,7 @@ def test_upernet_report_and_config(tmp_path, capsys):
     report = capsys.readouterr().out
     assert "  model.checkpoint_path: DIFFERENCE: empty: the fork started from timm's pretrained " \
            "vit_large_patch16_dinov3.lvd1689m" in report
-    assert report.rstrip().splitlines()[-2] == "verdict: 1 difference (the DIFFERENCE lines above)"
+    assert report.rstrip().splitlines()[-1] == "verdict: 1 difference (the DIFFERENCE lines above)"
     cfg = load_config(new)
     m, train = cfg.model, cfg.train
     assert m.pretrained == "timm:vit_large_patch16_dinov3.lvd1689m"
