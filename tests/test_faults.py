@@ -84,6 +84,8 @@ def test_workers_die_when_the_training_child_is_killed(disc_world, tmp_path):
         while any(alive(p, s) for p, s in processes.items()) and time.perf_counter() - start < 10:
             time.sleep(0.05)
         survivors = [p for p, s in processes.items() if alive(p, s)]
+        for pid in survivors:  # never leave them on the machine (they also hold the stderr pipe open)
+            os.kill(pid, signal.SIGKILL)
         code = proc.wait(timeout=30)
         stderr = proc.stderr.read()
     finally:
@@ -91,8 +93,6 @@ def test_workers_die_when_the_training_child_is_killed(disc_world, tmp_path):
             os.kill(pid, signal.SIGKILL)
         proc.kill()
         proc.wait()
-    for pid in survivors:  # never leave them on the machine, even when the test fails
-        os.kill(pid, signal.SIGKILL)
     assert not survivors, f"still alive 10 s after the training child's SIGKILL: {survivors}"
     assert code == 137
     lines = [line for line in stderr.splitlines() if line.strip()]
