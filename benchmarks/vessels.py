@@ -236,12 +236,15 @@ def is_lesav(data: str) -> bool:
     return bool(data) and (Path(data) / "arteries-and-veins").is_dir()
 
 
-def convert_data(data: str, raw: Path) -> tuple[Path, str]:
-    """The benchmark's dataset (LES-AV as `segframe data lesav`, else as the demo converts) and its source."""
+def convert_data(data: str, raw: Path, scale: float = 1.0) -> tuple[Path, str]:
+    """The benchmark's dataset (LES-AV as `segframe data lesav [--scale]`, else as the demo converts) and
+    its source."""
     if is_lesav(data):
         from segframe.data.lesav import convert_lesav
 
-        return convert_lesav(data, raw), f"LES-AV from {data}"
+        return convert_lesav(data, raw, scale=scale), f"LES-AV from {data}"
+    if scale != 1:
+        raise ConfigError("--scale is for LES-AV; CHASE_DB1 and DRIVE are converted at their own size")
     return convert(data, raw)
 
 
@@ -454,6 +457,9 @@ def main() -> None:
                              "[+srec[W]][+pN][+trainbf16][+valbf16][+stepS][+bf16] for any installed decoder "
                              "(see the docstring); default: the U-Net and eight ViT rows, or for LES-AV "
                              + " ".join(AV_ROWS))
+    parser.add_argument("--scale", type=float, default=1.0, metavar="F",
+                        help="LES-AV: convert at F times the size (segframe data lesav --scale; the table's "
+                             "data description says it); use one --work per scale")
     parser.add_argument("--check", action="store_true", help="build every row's model, then exit")
     parser.add_argument("--reuse", action="store_true",
                         help="take the runs an interrupted run finished (work/rows/ROW_sSEED.json, one per "
@@ -494,7 +500,7 @@ def main() -> None:
 
     work = Path(args.work).resolve()
     env = nnunet_env(work)
-    dataset, source = convert_data(args.data, Path(env["nnUNet_raw"]))
+    dataset, source = convert_data(args.data, Path(env["nnUNet_raw"]), args.scale)
     dataset_id = dataset.name[7:10]
     pre = Path(env["nnUNet_preprocessed"]) / dataset.name
     if not (pre / "nnUNetPlans.json").is_file():

@@ -261,3 +261,25 @@ def test_lesav_real_masks(tmp_path):
         expected[(mask == colour).all(-1)] = value
     assert set(np.unique(expected)) == {0, 1, 2, 3, 4}  # the crop holds every class and uncertain pixels
     np.testing.assert_array_equal(_png(folder / "labelsTr" / "12.png"), expected)
+
+
+def test_scale_resizes_images_bilinear_and_masks_nearest(tmp_path):
+    truth = write_folder(tmp_path / "src", stems=("1", "2"))
+    src = tmp_path / "src"
+    folder = convert_folder(src / "images", src / "labels", src / "fov", raw=tmp_path / "raw", name="Half",
+                            scale=0.5, **LESAV_LIKE)
+    info = json.loads((folder / "dataset.json").read_text())
+    assert info["description"].endswith("; resized by 0.5")
+    for stem, (image, label, inside) in truth.items():
+        # the reference: PIL's own resize of the source arrays to (W/2, H/2)
+        image_half = Image.fromarray(image).resize((W // 2, H // 2), Image.Resampling.BILINEAR)
+        label_half = Image.fromarray(label).resize((W // 2, H // 2), Image.Resampling.NEAREST)
+        fov_half = Image.fromarray(inside).resize((W // 2, H // 2), Image.Resampling.NEAREST)
+        np.testing.assert_array_equal(_png(folder / "imagesTr" / f"{stem}_0000.png"), np.asarray(image_half))
+        np.testing.assert_array_equal(_png(folder / "labelsTr" / f"{stem}.png"), np.asarray(label_half))
+        fov_written = _png(folder / "fovTr" / f"{stem}.png")
+        np.testing.assert_array_equal(fov_written, np.asarray(fov_half).astype(np.uint8))
+        assert set(np.unique(_png(folder / "labelsTr" / f"{stem}.png"))) <= set(np.unique(label))
+    with pytest.raises(DataError, match=r"--scale 1.5: give a factor in \(0, 1\]"):
+        convert_folder(tmp_path / "src" / "images", tmp_path / "src" / "labels", raw=tmp_path / "raw2",
+                       scale=1.5, **LESAV_LIKE)

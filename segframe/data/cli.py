@@ -36,12 +36,13 @@ def _folder(args: argparse.Namespace) -> int:
     return _report(folder.convert_folder(
         args.images, args.labels, args.fov, args.raw, args.dataset_id, args.name, args.classes, args.ignore,
         args.nearest_colour, folder.read_test_list(args.test_list) if args.test_list else None,
-        args.test_fraction, args.seed, args.region, progress=print,
+        args.test_fraction, args.seed, args.region, progress=print, scale=args.scale,
     ))
 
 
 def _lesav(args: argparse.Namespace) -> int:
-    return _report(lesav.convert_lesav(args.source, args.raw, args.dataset_id, args.regions, progress=print))
+    return _report(lesav.convert_lesav(args.source, args.raw, args.dataset_id, args.regions, progress=print,
+                                       scale=args.scale))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,6 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "(field-of-view masks).",
     )
     sub = data.add_subparsers(dest="source_kind", metavar="DATASET", required=True)
+
+    def scale(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--scale", type=float, default=1.0, metavar="F",
+                       help="resize every case by F in (0, 1] (images bilinear, masks nearest; default 1)")
 
     def common(p: argparse.ArgumentParser, default_id: int) -> None:
         p.add_argument("--raw", help="nnU-Net raw folder to write into (default: $nnUNet_raw)")
@@ -103,6 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--region", action="append", metavar="NAME=CLASS+CLASS",
                    help="an nnU-Net region named after the class it predicts, e.g. --region "
                         "artery=artery+crossing (one per class); label maps stay, dataset.json lists regions")
+    scale(p)
     p.set_defaults(func=_folder)
 
     p = sub.add_parser("lesav", help="LES-AV arteries/veins: fixed 11 + 11 split, supplied FOV masks")
@@ -111,4 +117,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common(p, lesav.DEFAULT_ID)
     p.add_argument("--regions", action="store_true",
                    help="nnU-Net regions artery = artery+crossing, vein = vein+crossing, crossing")
+    scale(p)
     p.set_defaults(func=_lesav)

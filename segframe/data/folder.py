@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from segframe.data.common import Case, DataError, check_free, raw_root, read_mask, read_rgb, write_dataset
 from segframe.images import IMAGE_SUFFIXES, ImageError, reason
@@ -349,8 +350,25 @@ def read_test_list(path: str | os.PathLike) -> list[str]:
     return [s for line in lines if (s := line.split("#")[0].strip())]
 
 
+def rescale(case: Case, scale: float) -> Case:
+    """`case` resized by `scale`: the image with PIL's antialiased bilinear filter, label and FOV masks by
+    nearest neighbour (class ids stay class ids)."""
+    if scale == 1:
+        return case
+    h, w = case.image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+
+    def resize(array: np.ndarray, resample: Image.Resampling) -> np.ndarray:
+        return np.asarray(Image.fromarray(array).resize(size, resample))
+
+    return Case(name=case.name, image=resize(case.image, Image.Resampling.BILINEAR),
+                label=resize(case.label, Image.Resampling.NEAREST),
+                fov=None if case.fov is None else resize(case.fov, Image.Resampling.NEAREST))
+
+
 def _cases(files: dict[str, CaseFiles], stems: list[str], split: str, table: ClassTable,
-           mapping: dict[int, int], progress: Progress | None, counter: list[int]) -> Iterator[Case]:
+           mapping: dict[int, int], progress: Progress | None, counter: list[int],
+           scale: float = 1.0) -> Iterator[Case]:
     keys = np.array(sorted(mapping))
     values = np.array([mapping[k] for k in keys.tolist()], np.uint16)
     for stem in stems:
@@ -363,8 +381,9 @@ def _cases(files: dict[str, CaseFiles], stems: list[str], split: str, table: Cla
         pos = np.searchsorted(keys, unique).clip(max=len(keys) - 1)
         if (keys[pos] != unique).any():
             raise DataError(f"{f.label} changed while converting (a colour not seen before); run again")
-        yield Case(name=stem, image=read_rgb(f.image), label=values[pos][inverse].reshape(codes.shape),
-                   fov=read_mask(f.fov) if f.fov else None)
+        label = values[pos][inverse].reshape(codes.shape)
+        yield rescale(Case(name=stem, image=read_rgb(f.image), label=label,
+                           fov=read_mask(f.fov) if f.fov else None), scale)
 
 
 def convert_folder(
@@ -382,6 +401,7 @@ def convert_folder(
     seed: int = 0,
     regions: Sequence[str] | None = None,
     progress: Progress | None = None,
+    scale: float = 1.0,
     description: str = "",
     reference: str = "",
     licence: str = "",
@@ -391,8 +411,11 @@ def convert_folder(
     `classes` and `ignore` use the command's syntax (`artery=255,0,0`, `255,255,255`); without
     `classes` the masks are index masks whose values 1..K are the class ids. `test_names` (case
     names) or `test_fraction` of the cases drawn with `seed` go to imagesTs/labelsTs. `regions`
-    (`artery=artery+crossing`, ...) writes nnU-Net's region-based labels.
+    (`artery=artery+crossing`, ...) writes nnU-Net's region-based labels. `scale` resizes every case
+    (`rescale`), e.g. 0.5 for large fundus images on a small machine.
     """
+    if not 0 < scale <= 1:
+        raise DataError(f"--scale {scale}: give a factor in (0, 1], e.g. 0.5 for half the width and height")
     images, labels = Path(images), Path(labels)
     name = name or images.resolve().parent.name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
@@ -426,8 +449,9 @@ def convert_folder(
     test_stems = [s for s in files if s in test]
     return write_dataset(
         root, dataset_id, name,
-        train=_cases(files, train_stems, "training", table, mapping, progress, counter),
-        test=_cases(files, test_stems, "test", table, mapping, progress, counter),
-        description=description or f"converted by segframe data folder from {images} and {labels}",
+        train=_cases(files, train_stems, "training", table, mapping, progress, counter, scale),
+        test=_cases(files, test_stems, "test", table, mapping, progress, counter, scale),
+        description=(description or f"converted by segframe data folder from {images} and {labels}")
+        + (f"; resized by {scale:g}" if scale != 1 else ""),
         reference=reference, licence=licence, labels=label_dict, extra=extra,
     )

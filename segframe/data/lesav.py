@@ -36,14 +36,14 @@ def source_files(source: Path) -> None:
 
 def convert_lesav(source: str | os.PathLike, raw: str | os.PathLike | None = None,
                   dataset_id: int = DEFAULT_ID, regions: bool = False,
-                  progress: Progress | None = None) -> Path:
+                  progress: Progress | None = None, scale: float = 1.0) -> Path:
     """Write LES-AV from `source` as `<raw>/DatasetXXX_LESAV`; returns the dataset folder."""
     source = Path(source)
     source_files(source)
     return convert_folder(
         source / "images", source / "arteries-and-veins", fov=source / "masks", raw=raw,
         dataset_id=dataset_id, name=NAME, classes=CLASSES, ignore=IGNORE, test_names=TEST,
-        regions=REGIONS if regions else None, progress=progress,
+        regions=REGIONS if regions else None, progress=progress, scale=scale,
         description="LES-AV retinal arteries and veins; uncertain vessel pixels are the ignore label; "
                     "FOV: the supplied masks",
         reference="Orlando et al., MICCAI 2018",
