@@ -110,7 +110,7 @@ M2F_LOSS_KEYS = {"num_points": "num_points", "mask_coefficient": "mask_weight",
                  "dice_coefficient": "dice_weight", "class_coefficient": "class_weight",
                  "no_object_coefficient": "no_object_weight"}
 M2F_FIXED = {"oversample_ratio": 3.0, "importance_sample_ratio": 0.75}  # transformers' Mask2Former loss
-M2F_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+M2F_PRECISION = {"float32": "nnunet", "bfloat16": "bf16", "float16": "fp16"}
 
 
 class Migration:
@@ -199,8 +199,10 @@ def _backbone_shape(name: str, size: str, params: dict[str, Any]) -> tuple[int, 
     return backbone.embed_dim, backbone.num_layers
 
 
-def _backbone(model: dict, out: Migration, checkpoint: str | None) -> tuple[str, str, dict]:
-    """model.backbone, backbone_size and checkpoint_path of a fork file (both layouts)."""
+def _backbone(model: dict, out: Migration, checkpoint: str | None,
+              origin: str = "timm's pretrained {weights}") -> tuple[str, str, dict]:
+    """model.backbone, backbone_size and checkpoint_path of a fork file (both layouts); `origin` says
+    where the fork took the pretrained weights from."""
     name = model.get("backbone", "dinov3")
     size = model.get("backbone_size", "large")
     if name not in FORK_BACKBONES:
@@ -231,6 +233,7 @@ def _backbone(model: dict, out: Migration, checkpoint: str | None) -> tuple[str,
                                                                     "backbone without weights, random init)"))
         return name, size, params
     weights = timm_name.format(size=size)
+    source = origin.format(weights=weights, letter=size[0])
     out.set("model", "pretrained", f"timm:{weights}")
     if path:
         out.set("model", "checkpoint_path", path)
@@ -239,13 +242,13 @@ def _backbone(model: dict, out: Migration, checkpoint: str | None) -> tuple[str,
                    "loads the file alone and refuses keys that do not fit")
     elif checkpoint:
         out.set("model", "checkpoint_path", checkpoint)
-        out.line("model.checkpoint_path", f"empty: the fork started from timm's pretrained {weights}; "
+        out.line("model.checkpoint_path", f"empty: the fork started from {source}; "
                                           f"written as model.pretrained: timm:{weights}, with the file "
                                           "from --checkpoint (read when training starts, which refuses a "
                                           "file that does not fit)")
     else:
         out.set("model", "checkpoint_path", "")
-        out.differ("model.checkpoint_path", f"empty: the fork started from timm's pretrained {weights}; "
+        out.differ("model.checkpoint_path", f"empty: the fork started from {source}; "
                    f"written as model.pretrained: timm:{weights}; `segframe train` refuses to start until "
                    "model.checkpoint_path gives that file (or migrate with --checkpoint FILE)")
     return name, size, params
@@ -396,7 +399,8 @@ def migrate_m2f(data: dict, checkpoint: str | None = None) -> Migration:
     if model.get("backbone", "dinov3") != "dinov3" or size not in ("small", "base", "large"):
         raise ConfigError(f"the fork's Mask2Former built DINOv3 ViT-S/B/L from torch hub (dinov3_vit"
                           f"{{s,b,l}}16), not {_show(model.get('backbone', 'dinov3'))} {_show(size)}")
-    _backbone({**model, "backbone": "dinov3", "backbone_size": size}, out, checkpoint)
+    _backbone({**model, "backbone": "dinov3", "backbone_size": size}, out, checkpoint,
+              "DINOv3's torch-hub weights (dinov3_vit{letter}16, lvd1689m), which timm names {weights}")
     fields = _plugin_params("mask2former", "model.hidden_dim")
     params: dict[str, Any] = {"name": "mask2former"}
     out.line("model.hidden_dim", "kept as model.decoder.hidden_size" if "hidden_dim" in model else
@@ -448,7 +452,10 @@ def migrate_m2f(data: dict, checkpoint: str | None = None) -> Migration:
              "not set; the fork's default 10.0 written as train.gradient_clip")
     if dtype != "float32":
         out.set("train", "precision", M2F_PRECISION[dtype])
-    out.line("model.autocast_dtype", f"written as train.precision: {out.config['train']['precision']}")
+        out.line("model.autocast_dtype", f"written as train.precision: {M2F_PRECISION[dtype]}")
+    else:
+        out.line("model.autocast_dtype", "float32: DINOv3's decoder in float32 (part of the model.decoder "
+                                         "difference); the trainer's autocast is train.precision: nnunet")
     return out
 
 

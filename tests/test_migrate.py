@@ -60,7 +60,8 @@ def test_every_fork_config_migrates_and_passes_check(path, tmp_path, capsys):
     assert verdict == ("same network and training" if n == 0 else
                        f"{n} difference{'s' * (n > 1)} (the DIFFERENCE lines above)")
     if data["model"].get("backbone", "dinov3") in ("dinov2", "dinov3"):  # the fork took its weights from timm
-        assert "  model.checkpoint_path: DIFFERENCE: empty: the fork started from timm's pretrained" in report
+        assert "  model.checkpoint_path: DIFFERENCE: empty: the fork started from " in report
+        assert "model.pretrained: timm:vit_" in report
 
 
 def test_upernet_report_and_config(tmp_path, capsys):
