@@ -10,9 +10,10 @@ write end, so the read returns as soon as the parent dies, however it dies. The 
 whole subtree and the child itself. Nothing polls, and a worker started a moment before the kill is
 still below the subreaper. When the child dies instead (SIGKILLed by an out-of-memory killer), its
 processes are re-parented to `segframe train`, itself a subreaper, which kills them as soon as the child
-is gone. Multiprocessing's resource trackers are left to exit on their own while the child still runs:
-killing one early makes the child's last unregistrations print tracebacks. On systems without /proc and
-prctl (macOS) training runs in one process.
+is gone. Multiprocessing's resource trackers are left to exit on their own, which they do once every
+process using them is gone (after removing what those leaked): killing one while the child still runs
+makes the child's last unregistrations print tracebacks. On systems without /proc and prctl (macOS)
+training runs in one process.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def run_child(argv: list[str]) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
         os.close(write_end)
-        kill_descendants()
+        kill_descendants(spare_trackers=True)  # once their users are gone they clean up and exit
     if code < 0:
         name = signal.Signals(-code).name
         print(f"segframe train: error: the training process was killed by {name}"
