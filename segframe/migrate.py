@@ -80,6 +80,8 @@ class ForkHead:
     # the head upsamples the token grid by 16 whatever the patch: on a 14-pixel patch the fork cropped
     # the top-left of a grid scaled by 16/14, logits shifted against the image; segframe's head does not
     scales_by_16: bool = False
+    # a report line on modules the fork's head built but never ran (segframe builds only what runs)
+    unused: str = ""
 
 
 EMBED_X4 = "<backbone width, 4 levels>"  # written as [D, D, D, D] for the backbone's width D
@@ -96,7 +98,11 @@ FORK_HEADS = {
     "model_dpt": ForkHead("dpt", {"fusion_hidden_size": ("hidden_size", 256),
                                   "readout_type": ("readout", "project")},
                           {"neck_hidden_sizes": EMBED_X4, "reassemble_factors": [4, 2, 1, 0.5],
-                           "dropout": 0.1, "use_batch_norm_in_fusion_residual": True}),
+                           "dropout": 0.1, "use_batch_norm_in_fusion_residual": True},
+                          unused="the fork's model_dpt also held its first fusion layer's residual_layer1 "
+                                 "(two convolutions and batch norms, 1.18M parameters at ViT-L), which its "
+                                 "forward never runs and so never trains: segframe does not build it; the "
+                                 "network that runs and trains is the same"),
     "model_unetr": ForkHead("unetr", {"decoder_channels": ("decoder_channels", [512, 256, 128, 64, 32]),
                                       "negative_slope": ("negative_slope", 0.01),
                                       "upsample_mode": ("upsample_mode", "deconv")},
@@ -333,6 +339,8 @@ def _head(module: str, decoder: dict, out: Migration, width: int, patch: int) ->
     if missing:
         out.differ("model.decoder", f"the installed {head.decoder} plugin has no parameter "
                    f"{', '.join(missing)}, which the fork's {stem} head needs: segframe builds another head")
+    if head.unused:
+        out.line("model.decoder", f"note: {head.unused}")
     if head.scales_by_16 and patch != 16:
         out.differ("model.model_path", f"the fork's {stem} scaled the {patch}-pixel token grid by 16 and "
                    "kept the top-left corner (its logits were shifted against the image); segframe's "
