@@ -58,6 +58,15 @@ class IdentityNeck(nn.Module):
         return list(features)
 
 
+class CeilMaxPool(nn.Module):
+    """nn.MaxPool2d(2, 2, ceil_mode=True) for symbolic sizes: the input padded by one row and column of
+    -inf, then pooled in floor mode. Ceil mode's output size is a condition on the input size, which
+    torch.export cannot keep symbolic; the padding gives the same windows and values at every size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=float("-inf")), kernel_size=2, stride=2)
+
+
 class FeaturePyramidNeck(nn.Module):
     """BEiT/MAE `Feature2Pyramid` on four same-stride maps: x4, x2, x1, x0.5 of the token grid.
 
@@ -68,6 +77,9 @@ class FeaturePyramidNeck(nn.Module):
     """
 
     scales = (4, 2, 1, 0.5)
+    # the fewest tokens per side an exported graph with a dynamic size takes: from 3 on, the pooled level
+    # is at least 2x2, so torch.export needs no guard that it is not 1x1 (a 1x1 map takes other paths)
+    min_tokens = 3
 
     def __init__(self, embed_dim: int, patch_size: int, num_levels: int = 4):
         super().__init__()
@@ -86,7 +98,7 @@ class FeaturePyramidNeck(nn.Module):
             ),
             nn.ConvTranspose2d(d, d, kernel_size=2, stride=2),
             nn.Identity(),
-            nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True),
+            CeilMaxPool(),
         ])
         self.out_channels = [d] * 4
         self.out_strides = [_stride(patch_size / s) for s in self.scales]

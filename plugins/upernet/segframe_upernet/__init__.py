@@ -2,7 +2,8 @@
 
 transformers initialises these heads only through `post_init()` of its own wrapper model,
 so the weights are initialised here (mmseg's scheme: Kaiming for conv+BN units, N(0, 0.01)
-for the classifier).
+for the classifier). The pyramid pooling module's adaptive pooling is `AdaptiveAvgPool`, which
+follows the input size in an exported graph.
 """
 
 from __future__ import annotations
@@ -46,6 +47,31 @@ def init_weights(module: nn.Module) -> None:
             nn.init.normal_(head.classifier.weight, std=0.01)
 
 
+class AdaptiveAvgPool(nn.Module):
+    """nn.AdaptiveAvgPool2d(output_size) written with the bins' size arithmetic, one axis at a time.
+
+    Output cell i of an axis of n positions averages positions floor(i*n/s) .. ceil((i+1)*n/s)-1, as
+    AdaptiveAvgPool2d does, as a difference of cumulative sums. torch.export lowers AdaptiveAvgPool2d
+    to gathers whose bin widths are fixed at the traced size (wrong logits or an onnxruntime error at
+    other sizes); here the bins are tensor arithmetic on the symbolic size, and no reshape or matmul
+    adds a guard on it, so the exported graph is right at every size.
+    """
+
+    def __init__(self, output_size: int):
+        super().__init__()
+        self.output_size = output_size
+
+    def _pool_last_axis(self, x: torch.Tensor) -> torch.Tensor:
+        n, s = x.shape[-1], self.output_size
+        i = torch.arange(s, device=x.device)
+        start, end = (i * n) // s, ((i + 1) * n + s - 1) // s
+        sums = nn.functional.pad(x.cumsum(-1), (1, 0))  # sums[..., k]: the sum of the first k positions
+        return (sums.index_select(-1, end) - sums.index_select(-1, start)) / (end - start).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._pool_last_axis(self._pool_last_axis(x).transpose(-1, -2)).transpose(-1, -2)
+
+
 class UperNetDecoder(nn.Module):
     """UperNet head on a list of (B, C_i, H_i, W_i) maps; logits at the first level's resolution.
 
@@ -76,6 +102,9 @@ class UperNetDecoder(nn.Module):
             auxiliary_concat_input=False,
         )
         self.head = UperNetHead(config, in_channels=list(in_channels))
+        for block in self.head.psp_modules.blocks:  # same state dict: the pooling has no weights
+            block.layers[0] = AdaptiveAvgPool(block.layers[0].output_size)
+            block.add_module("0", block.layers[0])
         self.output_stride = in_strides[0]
         self.auxiliary_head = None
         self.auxiliary_logits: torch.Tensor | None = None

@@ -79,3 +79,15 @@ def test_weights_are_initialised():
 def test_auxiliary_index_out_of_range():
     with pytest.raises(ConfigError, match="auxiliary_in_index 2 is out of range for 2"):
         build(UperNetParams(hidden_size=8, auxiliary_head=True), [16, 16], [14, 14], num_classes=2)
+
+
+@pytest.mark.parametrize("scale", [1, 2, 3, 6])
+def test_pyramid_pooling_is_adaptive_average_pooling(scale):
+    """AdaptiveAvgPool (exportable for every size) against torch's nn.AdaptiveAvgPool2d, at sizes that
+    divide the scale, do not, and are smaller than it (overlapping bins)."""
+    from segframe_upernet import AdaptiveAvgPool
+
+    for size in [(1, 1), (2, 3), (6, 12), (7, 13), (17, 19), (33, 40)]:
+        x = torch.randn(2, 3, *size) * 10
+        expected = torch.nn.AdaptiveAvgPool2d(scale)(x)
+        assert torch.allclose(AdaptiveAvgPool(scale)(x), expected, rtol=1e-5, atol=1e-5), size
