@@ -1,10 +1,11 @@
 """ONNX export of every installed decoder through `segframe.nnunet.export.export_onnx` (the function
-`segframe export` uses), checked against PyTorch with onnxruntime: the same logits (max abs diff < 1e-3)
-at batch 1 and 2 (the batch is dynamic), at sizes that are and are not multiples of the patch (the
-padding and the backbone normalisation are inside the graph). The CLI on a real results folder is
-tested in tests/test_val_best.py.
+`segframe export` uses), checked here again, independently of the exporter's own check: onnxruntime's
+logits against PyTorch's (max abs diff < 1e-3) at batch 1 and 2, at an odd size, a patch-sized one and a
+larger odd size (the padding and the backbone normalisation are inside the graph). The CLI on a real
+results folder is tested in tests/test_val_best.py.
 
-Each head exports once (an export takes seconds), so the sizes rotate over the heads.
+Every head with both necks is exported once, with a dynamic size where it can be (one module-scoped set
+of exports: an export takes seconds, the CPU-heavy part of this file).
 """
 
 from __future__ import annotations
@@ -15,27 +16,33 @@ import torch
 from conftest import tiny_config
 
 from segframe.config import validate_config
-from segframe.errors import SegframeError
+from segframe.errors import ConfigError, SegframeError
 from segframe.model import ViTSegModel
 from segframe.plugins import get_registry
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
-from segframe.nnunet.export import export_onnx  # noqa: E402
+from segframe.nnunet.export import check_sizes, export_onnx  # noqa: E402
 
 SIZES = [(97, 131), (192, 192), (257, 300)]  # dinov3 tiny: patch 16, so 192 needs no padding
+PATCH = (192, 192)  # nnU-Net's patch, as `segframe export` passes it
 SMALL = {"mask2former": {"num_queries": 8, "decoder_layers": 2, "pixel_decoder_layers": 1, "num_points": 256}}
-# every size on some heads, the costliest head (mask2former) at the smallest
-ORDER = sorted(get_registry().decoders(), key=lambda name: (name != "mask2former", name))
-CASES = [(name, SIZES[i % 3]) for i, name in enumerate(ORDER)]  # the detail path: the dynamic test
+NECKS = ("identity", "pyramid")
+MATRIX = [(head, neck) for head in sorted(get_registry().decoders()) for neck in NECKS]
+# heads that build their own resolutions from same-stride levels refuse the pyramid neck (a ConfigError)
+NO_PYRAMID = {("dpt", "pyramid"), ("primus", "pyramid"), ("unetr", "pyramid")}
+# as measured (docs/plugins.md's table): these fix the image size in their own code, so a graph for every
+# size is refused with the reason (with `segframe export`'s fallback: a graph for the patch size)
+FIXED = {("dpt", "identity"), ("mask2former", "identity"), ("mask2former", "pyramid"), ("linear", "pyramid"),
+         ("upernet", "identity")}
 
 
-def build(decoder: str, detail: bool) -> ViTSegModel:
+def build(decoder: str, detail: bool, neck: str = "identity") -> ViTSegModel:
     torch.manual_seed(0)
     fields = get_registry().decoder(decoder).spec.params.model_fields
     section = {"name": decoder, **({"hidden_size": 32} if "hidden_size" in fields else {}),
                **SMALL.get(decoder, {})}
-    cfg = tiny_config("dinov3", section)
+    cfg = tiny_config("dinov3", section, neck=neck)
     if detail:
         cfg["model"]["detail"] = {"enabled": True, "channels": [8, 8, 8, 8]}
     model = ViTSegModel(validate_config(cfg), in_channels=3, num_classes=3).eval()
@@ -46,25 +53,88 @@ def build(decoder: str, detail: bool) -> ViTSegModel:
     return model
 
 
-@pytest.mark.parametrize(("decoder", "size"), CASES, ids=[f"{d}-{h}x{w}" for d, (h, w) in CASES])
-def test_onnx_logits_match_pytorch(decoder, size, tmp_path):
-    model = build(decoder, False)
-    path = tmp_path / "model.onnx"
-    graph = export_onnx(model, path, size=size)
-    assert graph == {"dynamic_size": False, "size": list(size), "reason": None}
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["image"]
-    assert [o.name for o in session.get_outputs()] == ["logits"]
-    assert session.get_inputs()[0].shape == ["batch", 3, *size]
-    for batch in (1, 2):
-        x = torch.rand(batch, 3, *size) * 4 - 1  # not only [0, 1]: the graph normalises what it gets
+def assert_matches(model: ViTSegModel, onnx_file, sizes) -> None:
+    """onnxruntime against PyTorch at each size, batch 2 at the first and 1 at the others."""
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    for i, size in enumerate(sizes):
+        x = torch.rand(2 if i == 0 else 1, 3, *size) * 4 - 1  # not only [0, 1]: the graph normalises
         with torch.no_grad():
             expected = model(x).numpy()
         got = session.run(None, {"image": x.numpy()})[0]
-        assert got.shape == expected.shape == (batch, 3, *size)
-        assert np.abs(got - expected).max() < 1e-3, (decoder, size, batch)
-    with pytest.raises(Exception, match="dimensions|shape"):  # a fixed size is enforced, never guessed
-        session.run(None, {"image": np.zeros((1, 3, size[0] + 1, size[1]), np.float32)})
+        assert got.shape == expected.shape == (x.shape[0], 3, *size)
+        assert np.abs(got - expected).max() < 1e-3, size
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """(head, neck) -> (model, the graph's file, export_onnx's answer, or its SegframeError)."""
+    done = {}
+    for head, neck in MATRIX:
+        if (head, neck) in NO_PYRAMID:
+            continue
+        model = build(head, False, neck)
+        path = tmp_path_factory.mktemp(f"{head}-{neck}") / "model.onnx"
+        try:
+            done[head, neck] = model, path, export_onnx(model, path)
+        except SegframeError as exc:
+            done[head, neck] = model, path, exc
+    return done
+
+
+@pytest.mark.parametrize(("head", "neck"), MATRIX, ids=[f"{h}-{n}" for h, n in MATRIX])
+def test_every_head_and_neck_exports_a_checked_graph_for_every_size(exports, head, neck):
+    """A dynamic graph is right at sizes far from the traced example; one that cannot be is refused with
+    one readable line and no file (`segframe export` then falls back: the test below)."""
+    if (head, neck) in NO_PYRAMID:
+        with pytest.raises(ConfigError, match="set model.neck: identity"):
+            build(head, False, neck)
+        return
+    model, path, graph = exports[head, neck]
+    if (head, neck) in FIXED:
+        assert isinstance(graph, SegframeError), graph
+        message = str(graph)
+        assert message.startswith("cannot export the network with a dynamic image size: ")
+        assert "\n" not in message and "AssertionError" not in message and "Cannot create Dim" not in message
+        assert not path.exists()
+        return
+    assert not isinstance(graph, SegframeError), graph
+    min_side = 3 * 16 if neck == "pyramid" else 2 * 16
+    assert graph["dynamic_size"] and graph["min_size"] == [min_side, min_side] and graph["reason"] is None
+    sizes = check_sizes(16, None)
+    assert [c["size"] for c in graph["checked"]] == [list(s) for s in sizes]
+    assert all(c["max_abs_diff"] < 1e-3 for c in graph["checked"])
+    print(head, neck, [(c["size"], f"{c['max_abs_diff']:.1e}") for c in graph["checked"]])  # docs' table
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 3, "height", "width"]
+    assert_matches(model, path, [*SIZES, (min_side, min_side + 5)])
+
+
+def test_a_head_that_fixes_the_size_falls_back_to_the_patch(tmp_path):
+    """DPT: the graph for nnU-Net's patch, checked there, with the reason; any other size is refused by
+    onnxruntime, never guessed."""
+    model = build("dpt", False)
+    graph = export_onnx(model, tmp_path / "model.onnx", fallback_size=PATCH)
+    assert not graph["dynamic_size"] and graph["size"] == list(PATCH)
+    assert graph["reason"].startswith("the network's code computes numbers from the image size")
+    assert [c["size"] for c in graph["checked"]] == [list(PATCH)] * 2
+    assert_matches(model, tmp_path / "model.onnx", [PATCH, PATCH])
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 3, *PATCH]
+    with pytest.raises(Exception, match="dimensions|shape"):
+        session.run(None, {"image": np.zeros((1, 3, PATCH[0] + 1, PATCH[1]), np.float32)})
+
+
+def test_a_graph_wrong_away_from_the_example_is_never_called_dynamic(tmp_path, monkeypatch):
+    """UperNet with torch's own nn.AdaptiveAvgPool2d in its pyramid pooling traces without a guard, but
+    its lowering fixes the bins at the example size: onnxruntime fails at 97x131. The check refuses it."""
+    model = build("upernet", False)
+    for block in model.decoder.head.psp_modules.blocks:
+        block.layers[0] = torch.nn.AdaptiveAvgPool2d(block.layers[0].output_size)
+        block.add_module("0", block.layers[0])
+    with pytest.raises(SegframeError, match=r"dynamic image size: onnxruntime cannot run the graph at 97x131 "
+                                            r"\(GatherND: invalid index"):
+        export_onnx(model, tmp_path / "model.onnx")
+    assert not list(tmp_path.iterdir())
 
 
 def test_dinov3_exports_for_every_image_size(tmp_path):
@@ -73,7 +143,7 @@ def test_dinov3_exports_for_every_image_size(tmp_path):
     model = build("linear", True)
     path = tmp_path / "model.onnx"
     graph = export_onnx(model, path)
-    assert graph == {"dynamic_size": True, "size": None, "reason": None, "min_size": [32, 32]}
+    assert graph["dynamic_size"] and graph["min_size"] == [32, 32] and graph["reason"] is None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == ["batch", 3, "height", "width"]
     for i, size in enumerate([*SIZES, (32, 47)]):
@@ -101,7 +171,7 @@ def test_learned_position_embeddings_export_for_every_image_size(backbone, tmp_p
         model.backbone.vit.pos_embed.normal_()  # a resize that matters: no two grid cells alike
     graph = export_onnx(model, tmp_path / "model.onnx")
     p = model.patch_size
-    assert graph == {"dynamic_size": True, "size": None, "reason": None, "min_size": [2 * p, 2 * p]}
+    assert graph["dynamic_size"] and graph["min_size"] == [2 * p, 2 * p] and graph["reason"] is None
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     for size in [*SIZES, (2 * p, 2 * p + 5)]:
         x = torch.rand(1, 3, *size)
@@ -130,3 +200,12 @@ def test_a_network_that_fixes_the_size_is_refused_or_fixed_never_wrong(tmp_path,
     x = torch.rand(1, 3, 64, 80)
     with torch.no_grad():
         assert np.abs(session.run(None, {"image": x.numpy()})[0] - model(x).numpy()).max() < 1e-3
+
+
+def test_the_pyramid_necks_pooling_is_max_pool_in_ceil_mode():
+    """CeilMaxPool (the pyramid neck's 0.5x level, exportable for every size) against torch's own."""
+    from segframe.upsample import CeilMaxPool
+
+    for size in [(1, 1), (2, 3), (5, 8), (7, 7), (16, 33)]:
+        x = torch.randn(2, 3, *size)
+        assert torch.equal(CeilMaxPool()(x), torch.nn.MaxPool2d(2, 2, ceil_mode=True)(x)), size
