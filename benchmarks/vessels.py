@@ -528,9 +528,11 @@ def main() -> None:
             lines = table(records, args, source, info)
             (work / f"{args.section or section_name(info)}.md").write_text("\n".join(lines) + "\n")
             r, m = records[-1], records[-1]["metrics"]
-            print(f"{r['label']} seed {seed}: Dice {m['dice']:.4f}, clDice {m['cldice']:.4f}, thin-vessel "
-                  f"sensitivity {m['thin_sensitivity']:.4f}, train {r['train_s']:.0f} s, "
-                  f"predict {r['predict_s']:.0f} s", flush=True)
+            scores = (f"A/V Dice {m['av_dice']:.4f}, A/V accuracy {m['av_accuracy']:.4f}, vessel Dice "
+                      f"{m['vessel_dice']:.4f}" if "av_dice" in m else f"Dice {m['dice']:.4f}, clDice "
+                      f"{m['cldice']:.4f}, thin-vessel sensitivity {m['thin_sensitivity']:.4f}")
+            print(f"{r['label']} seed {seed}: {scores}, train {r['train_s']:.0f} s, predict "
+                  f"{r['predict_s']:.0f} s", flush=True)
 
     info = dataset_info(dataset, pre)
     publish(args.section or section_name(info), table(records, args, source, info), args.write)
