@@ -21,7 +21,8 @@ from segframe.config import SegframeConfig, missing_weights, validate_config
 from segframe.detail import DetailPath
 from segframe.errors import CheckpointError, ConfigError, PluginError, SegframeError
 from segframe.lora import add_lora, format_counts, has_lora, merge_lora, parameter_counts
-from segframe.plugins import DecoderInputs, HeadContext, get_registry
+from segframe.plugins import get_registry
+from segframe.spec import DecoderInputs, HeadContext
 from segframe.upsample import build_neck, build_upsampler, crop, resize
 
 log = logging.getLogger(__name__)
