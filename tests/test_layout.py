@@ -35,9 +35,9 @@ def imported(path: Path, modules: set[str]) -> set[str]:
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base
-                                                                                                 else []))
+            if node.level:  # relative: from the package, up level - 1 packages
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
             submodules = {f"{base}.{alias.name}" for alias in node.names} & modules
             found.update(submodules)
             if len(submodules) < len(node.names):  # names defined in `base` itself

@@ -171,11 +171,10 @@ def test_train_answers_argument_errors_without_torch(tmp_path):
 def test_auxiliary_logits_match_the_output_size():
     cfg = tiny_config(decoder={"name": "upernet", "hidden_size": 16, "auxiliary_head": True}, neck="pyramid")
     model = ViTSegModel(cfg, in_channels=3, num_classes=3).train()
-    out = model(torch.rand(2, 3, 30, 45))
-    assert model.auxiliary_logits.shape == out.shape == (2, 3, 30, 45)
+    out, aux = model(torch.rand(2, 3, 30, 45))
+    assert aux.shape == out.shape == (2, 3, 30, 45) and model.auxiliary_loss_weight == 0.4
     model.eval()
-    model(torch.rand(1, 3, 30, 45))
-    assert model.auxiliary_logits is None
+    assert torch.is_tensor(model(torch.rand(1, 3, 30, 45)))  # the auxiliary logits only in training
 
 
 DDP_CASES = {

@@ -218,6 +218,7 @@ class nnUNetTrainerSegframe(SafeTraining, nnUNetTrainer):
             for name, value in parts.items():
                 self.loss_parts.setdefault(name, []).append(float(value))
             return loss
+        output, aux = output if isinstance(output, tuple) else (output, None)  # (logits, auxiliary logits)
         if self.skeleton_recall is not None:  # the skeleton travels as the target's second channel
             target, skeleton = target[:, :1], target[:, 1:]
         loss = self.loss(output, target)
@@ -226,9 +227,8 @@ class nnUNetTrainerSegframe(SafeTraining, nnUNetTrainer):
             mask = None if ignore is None else target != ignore
             loss = loss + self.segframe_config.train.loss.skeleton_recall * self.skeleton_recall(
                 output, skeleton, mask)
-        aux = model.auxiliary_logits
         if aux is not None:
-            loss = loss + model.decoder.auxiliary_loss_weight * self.loss(aux, target)
+            loss = loss + model.auxiliary_loss_weight * self.loss(aux, target)
         return loss
 
     def train_step(self, batch: dict) -> dict:
