@@ -1,17 +1,12 @@
 """nnUNetTrainerSegframe: nnU-Net's trainer with a ViTSegModel built from the config in the plans.
 
-Only what a ViT needs changes: the network (from the plans configuration's `segframe`
-section, so inference rebuilds it with no YAML), deep supervision off, AdamW with parameter
-groups (no decay on norms, biases and tokens; optional layer-wise LR decay and backbone LR
-scale) or nnU-Net's SGD (`train.optimizer`), linear warmup then poly decay, the config's
-gradient clip, epochs and iterations,
-the auxiliary-head loss (or the head's own loss), the optional Skeleton Recall term
-(`train.loss`), and what makes a run trustworthy: weights-only checkpoint loading with a
-readable fallback, atomic checkpoint writes, the best EMA Dice kept over `--c`, skipped NaN/inf
-steps with a stop after `train.max_nonfinite_steps`, `train.precision`, and `train.seed` (the
-training process and every augmentation worker seeded, batches in a fixed order).
-Data, augmentation, validation and export stay nnU-Net's (the final validation predicted by
-`ValidationPredictor`: `segframe predict`'s window). Pretrained backbone weights load when
+Only what a ViT needs changes: the network (from the plans configuration's `segframe` section, so
+inference rebuilds it with no YAML; segframe.nnunet.network), deep supervision off, the optimizer and
+schedule of `train` (segframe.nnunet.schedule), the config's gradient clip, epochs and iterations, the
+loss (nnU-Net's Dice + CE with the auxiliary head's term and Skeleton Recall, or the head's own loss),
+`train.precision` (segframe.nnunet.runtime), `train.seed` (segframe.nnunet.seeding) and the guards of
+segframe.nnunet.safety. Data, augmentation, validation and export stay nnU-Net's (the final validation
+predicted by `ValidationPredictor`: `segframe predict`'s window). Pretrained backbone weights load when
 training starts, never at inference.
 """
 
