@@ -22,6 +22,7 @@ import pytest
 import torch
 from nnunet_discs import DATASET, NAME, results, segframe, write_yaml
 
+from segframe.files import partial_files
 from segframe.nnunet import lifeline
 from segframe.nnunet.checkpoints import ALLOWED_GLOBALS, atomic_save, load_checkpoint_file
 
@@ -135,7 +136,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(killed):
         time.sleep(duration * k / 24)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        mid_write += any(target.parent.glob(".checkpoint_latest.pth.*.tmp"))
+        mid_write += bool(partial_files(target))
         loaded = load_checkpoint_file(target)
         assert loaded["network_weights"].keys() == weights.keys()
         assert all(torch.equal(loaded["network_weights"][key], weights[key]) for key in list(weights)[:5])
