@@ -29,7 +29,8 @@ from common import ROOT, machine, publish  # noqa: E402
 
 def measure(dataset: str, config: Path, steps: int, n_proc: int, device: torch.device) -> tuple[list, list]:
     from segframe.config import load_config
-    from segframe.nnunet.plans import dataset_folder, read_json, write_plans
+    from segframe.files import read_json
+    from segframe.nnunet.plans import dataset_folder, write_plans
     from segframe.nnunet.trainer import nnUNetTrainerSegframe
 
     os.environ["nnUNet_n_proc_DA"] = str(n_proc)

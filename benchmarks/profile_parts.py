@@ -45,10 +45,11 @@ PREFIX = "part::"
 def load(folder: Path, step_size: float):
     """nnU-Net's predictor of fold 0 of a results folder, no mirroring."""
     from segframe.errors import SegframeError
-    from segframe.nnunet.predict import Predictor, check_results_folder
+    from segframe.nnunet.predict import Predictor
+    from segframe.nnunet.results import ResultsFolder
 
     try:
-        check_results_folder(folder)
+        results = ResultsFolder(folder)
     except SegframeError:  # not segframe's: nnU-Net's own loader, trainer from benchmarks/trainers
         os.environ["nnUNet_extTrainer"] = str(Path(__file__).parent / "trainers")
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -57,7 +58,7 @@ def load(folder: Path, step_size: float):
                                     perform_everything_on_device=False, allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(folder), (0,), "checkpoint_final.pth")
         return predictor
-    return Predictor.from_results(folder, folds=[0], device="cpu", step_size=step_size, mirroring=False,
+    return Predictor.from_results(results, folds=[0], device="cpu", step_size=step_size, mirroring=False,
                                   trust_checkpoint=True).nnunet
 
 

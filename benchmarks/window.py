@@ -42,7 +42,7 @@ from profile_parts import folder_arguments, folder_label, folders_and_image, loa
 
 def pair(folder: Path, precision: str, classes: tuple[type, type]):
     """Predictors of the two `classes` for fold 0 of `folder`, sharing one network."""
-    from segframe.nnunet.predict import bf16_network
+    from segframe.nnunet.runtime import bf16_network
 
     loaded = load(folder, 0.5)
     if precision == "bf16":
@@ -129,8 +129,7 @@ def measure_validation(folder: Path, precision: str, image: Path, rounds: int) -
 
 
 def main() -> None:
-    from segframe.nnunet.cli import cpu_threads
-    from segframe.nnunet.predict import native_bf16
+    from segframe.nnunet.runtime import cpu_threads, native_bf16
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     folder_arguments(parser)

@@ -10,15 +10,13 @@ other distinct colours.
 from __future__ import annotations
 
 import colorsys
-import contextlib
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from segframe.errors import SegframeError
+from segframe.files import read_json, write_atomically
 
 Colour = tuple[int, int, int]
 # the fork's convert_masks.py colours (background, artery, vein, other), then distinct ones
@@ -41,12 +39,8 @@ def default_colour(class_id: int) -> Colour:
 
 def read_dataset(path: str | Path) -> dict[str, Any]:
     """A dataset.json with a `labels` table; LabelError names the file and what is wrong."""
-    path = Path(path)
-    try:
-        dataset = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise LabelError(f"cannot read {path}: {exc}") from None
-    if not isinstance(dataset, dict) or not isinstance(dataset.get("labels"), dict):
+    dataset = read_json(path, "dataset.json", LabelError)
+    if not isinstance(dataset.get("labels"), dict):
         raise LabelError(f"{path} has no `labels` table (name -> class id) as nnU-Net's dataset.json has")
     return dataset
 
@@ -119,25 +113,6 @@ def read_label_map(path: str | Path) -> np.ndarray:
         raise LabelError(f"{path}: cannot read the image ({reason(exc)})") from None
 
 
-def write_atomic(files: dict[Path, bytes]) -> None:
-    """Write each file's bytes to a temporary file beside it, then rename them all: a failed write
-    leaves none of them. An OSError becomes one LabelError naming the path and the cause."""
-    temps = {path: path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in files}
-    target = None
-    try:
-        for target, data in files.items():
-            with open(temps[target], "wb") as f:
-                f.write(data)
-        for target, tmp in temps.items():
-            os.replace(tmp, target)
-    except OSError as exc:
-        raise LabelError(f"cannot write {target}: {exc.strerror or exc}") from None
-    finally:
-        for tmp in temps.values():
-            with contextlib.suppress(OSError):  # e.g. a read-only folder, where no temporary file was made
-                tmp.unlink(missing_ok=True)
-
-
 def png_bytes(array: np.ndarray) -> bytes:
     """`array` encoded as PNG."""
     import io
@@ -154,9 +129,10 @@ def colour_path(out: Path, case: str) -> Path:
     return out / "colour" / f"{case}.png"
 
 
-def write_colour_maps(masks: dict[str, Path], out: Path, dataset_json: Path) -> list[Path]:
-    """The colour-coded PNG of each case's label map in `masks` (case -> file), as `colour_path`."""
-    table = colour_table(read_dataset(dataset_json))
+def write_colour_maps(masks: dict[str, Path], out: Path, dataset: dict[str, Any] | Path) -> list[Path]:
+    """The colour-coded PNG of each case's label map in `masks` (case -> file), as `colour_path`; the colours
+    of `dataset` (a dataset.json's content, or its file)."""
+    table = colour_table(dataset if isinstance(dataset, dict) else read_dataset(dataset))
     written = []
     for case, mask in masks.items():
         target = colour_path(out, case)
@@ -164,6 +140,6 @@ def write_colour_maps(masks: dict[str, Path], out: Path, dataset_json: Path) -> 
             target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LabelError(f"cannot write {target.parent}: {exc.strerror or exc}") from None
-        write_atomic({target: png_bytes(colourise(read_label_map(mask), table))})
+        write_atomically(target, png_bytes(colourise(read_label_map(mask), table)), error=LabelError)
         written.append(target)
     return written

@@ -251,7 +251,7 @@ def demo_precision(choice: str, device: str) -> str:
                         "use --precision auto or fp32")
     if choice != "auto":
         return choice
-    from segframe.nnunet.predict import native_bf16
+    from segframe.nnunet.runtime import native_bf16
 
     return "bf16" if device == "cpu" and native_bf16() else "fp32"
 
@@ -318,7 +318,7 @@ def run_demo(data: str, work: str | Path, config: str | Path = DEFAULT_CONFIG, c
     cfg = load_config(used_config)
     import torch
 
-    from segframe.nnunet.trainer import resolve_precision
+    from segframe.nnunet.runtime import resolve_precision
 
     train_precision = resolve_precision(cfg.train.precision, torch.device(device))  # what the trainer uses
     if not skip_train:

@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from segframe.colours import class_values, read_dataset, read_label_map, write_atomic
+from segframe.colours import LabelError, class_values, read_dataset, read_label_map
 from segframe.errors import SegframeError
+from segframe.files import write_all
 
 METRICS = ("dice", "iou", "sensitivity", "specificity", "accuracy", "cldice", "thin_sensitivity")
 CLASS_METRICS = ("dice", "iou", "sensitivity", "cldice", "thin_sensitivity")  # per class, and their mean
@@ -370,8 +371,8 @@ def save_results(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
         for name, c in result["cases"].items():
             writer.writerow([name, *(f"{c[m]:.6f}" for m in METRICS), c["tp"], c["fp"], c["fn"], c["tn"]])
         writer.writerow(["mean", *(f"{result['mean'][m]:.6f}" for m in METRICS), "", "", "", ""])
-    write_atomic({json_path: (json.dumps(json_safe(result), indent=2) + "\n").encode(),
-                  csv_path: table.getvalue().encode()})
+    write_all({json_path: json.dumps(json_safe(result), indent=2) + "\n", csv_path: table.getvalue()},
+              error=LabelError)
     return json_path, csv_path
 
 

@@ -138,9 +138,13 @@ class InputSpec:
     def from_results(cls, model_folder: str | Path) -> InputSpec:
         """From a results folder's dataset.json (channels) and dataset_fingerprint.json (intensities)."""
         folder = Path(model_folder)
-        dataset = json.loads((folder / "dataset.json").read_text())
+        return cls.from_dataset(json.loads((folder / "dataset.json").read_text()),
+                                folder / "dataset_fingerprint.json")
+
+    @classmethod
+    def from_dataset(cls, dataset: dict, fingerprint: Path) -> InputSpec:
+        """From a dataset.json's content (channels) and a dataset_fingerprint.json (intensities)."""
         channels = len(dataset.get("channel_names") or dataset.get("modality") or {"0": ""})
-        fingerprint = folder / "dataset_fingerprint.json"
         if not fingerprint.is_file():
             names = set((dataset.get("channel_names") or {}).values())
             return cls(channels, eight_bit=names == {"rgb_to_0_1"})

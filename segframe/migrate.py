@@ -14,10 +14,8 @@ before anything is written. docs/migrate.md has the full table.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import yaml
 
 from segframe.config import _read_yaml, check_config, validate_config
 from segframe.errors import ConfigError, PluginError
+from segframe.files import write_atomically
 
 # the fork's ViT config (vit_config.py): section -> keys; `model.decoder` is free-form
 FORK_VIT_KEYS = {
@@ -522,25 +521,17 @@ def migrate_file(source: str | Path, output: str | Path, overwrite: bool = False
     config = {k: v for k, v in result.config.items() if v}
     text = (f"# Migrated from {source.name} by `segframe config migrate`.\n"
             + yaml.dump(config, Dumper=_Dumper, sort_keys=False))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".yaml", dir=output.parent)
-    except OSError as exc:
-        raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from None
-    try:
+    def write_and_check(temporary: Path) -> None:  # renamed to `output` only when it is a valid config
         if result.copied:
-            os.close(fd)
-            shutil.copyfile(source, tmp)
+            shutil.copyfile(source, temporary)
         else:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
+            temporary.write_text(text, encoding="utf-8")
         try:
-            check_config(tmp)
+            check_config(temporary)
         except ConfigError as exc:
-            why = str(exc).replace(tmp, f"{output} (as migrated from {source})").replace("\n", " ")
+            why = str(exc).replace(str(temporary), f"{output} (as migrated from {source})").replace("\n", " ")
             raise ConfigError(
                 f"the migrated config is not valid, so {output} was not written: {why}") from None
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    write_atomically(output, write_and_check, error=ConfigError)
     return result

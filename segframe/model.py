@@ -21,7 +21,8 @@ from segframe.config import SegframeConfig, missing_weights, validate_config
 from segframe.detail import DetailPath
 from segframe.errors import CheckpointError, ConfigError, PluginError, SegframeError
 from segframe.lora import add_lora, format_counts, has_lora, merge_lora, parameter_counts
-from segframe.plugins import DecoderInputs, HeadContext, get_registry
+from segframe.plugins import get_registry
+from segframe.spec import DecoderInputs, HeadContext
 from segframe.upsample import build_neck, build_upsampler, crop, resize
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,9 @@ class ViTSegModel(nn.Module):
                                      m.detail.norm, checkpointing=m.grad_checkpointing)
         else:
             self.upsampler = build_upsampler(upsampler, num_classes, stride, m.upsampler_width)
-        # the decoder's auxiliary logits of the last training forward, at the input size (or None);
-        # a trainer adds their loss, weighted by the decoder's `auxiliary_loss_weight`
-        self.auxiliary_logits: torch.Tensor | None = None
+        # a head with an auxiliary head returns (logits, auxiliary logits) in training; a trainer adds
+        # the auxiliary loss with this weight (the head's `auxiliary_loss_weight`, part of the contract)
+        self.auxiliary_loss_weight = float(getattr(self.decoder, "auxiliary_loss_weight", 0.0))
 
         if m.freeze_backbone:
             self.backbone.requires_grad_(False)
@@ -191,11 +192,14 @@ class ViTSegModel(nn.Module):
             x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         return x
 
+    def padding(self, x: torch.Tensor) -> tuple[int, int]:
+        """The rows and columns `pad` adds below and right of `x` (..., H, W): to a multiple of the patch."""
+        return -x.shape[-2] % self.patch_size, -x.shape[-1] % self.patch_size
+
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Pad bottom/right to a multiple of the patch: reflect, or replicate where a side is too short."""
         h, w = x.shape[-2:]
-        p = self.patch_size
-        ph, pw = -h % p, -w % p
+        ph, pw = self.padding(x)
         # skipped only where the pad is known to be 0 (never a guard on a traced size: a pad of 0 is
         # the identity), so an exported graph keeps the size dynamic
         if not statically_known_true(pw == 0):
@@ -205,21 +209,23 @@ class ViTSegModel(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | Any:
-        """Logits (B, num_classes, H, W); in training mode a head that owns its loss returns its raw
-        training outputs instead (score them with `training_loss`)."""
+        """Logits (B, num_classes, H, W). In training mode a head with an auxiliary head gives (logits,
+        auxiliary logits), both at the input size (weight their loss by `auxiliary_loss_weight`), and a
+        head that owns its loss its raw training outputs instead (score them with `training_loss`)."""
         self._check_input(x)
         h, w = x.shape[-2:]
         x = self.pad(self._normalize(x))
         head_out = self.decoder(self._head_inputs(x))
         if self.owns_loss and self.training:
             return head_out
+        head_out, aux = head_out if isinstance(head_out, tuple) else (head_out, None)
         if self.detail is not None:
             logits = self.detail(x, head_out)
         else:
             logits = self.upsampler(head_out, x.shape[-2:])
-        aux = getattr(self.decoder, "auxiliary_logits", None)
-        self.auxiliary_logits = None if aux is None else crop(resize(aux, x.shape[-2:]), h, w)
-        return crop(logits, h, w)
+        if aux is None:
+            return crop(logits, h, w)
+        return crop(logits, h, w), crop(resize(aux, x.shape[-2:]), h, w)
 
     def _head_inputs(self, x: torch.Tensor) -> list[torch.Tensor] | DecoderInputs:
         """What the head reads: the neck's maps (contract 1), or a DecoderInputs with exactly the
@@ -262,7 +268,7 @@ class ViTSegModel(nn.Module):
             )
         ignore_index = k if ignore_label is None else int(ignore_label)
         target = target.long()
-        ph, pw = -target.shape[-2] % self.patch_size, -target.shape[-1] % self.patch_size
+        ph, pw = self.padding(target)
         if ph or pw:
             target = F.pad(target, (0, pw, 0, ph), value=ignore_index)
         result = self.decoder.training_loss(outputs, target, ignore_index)

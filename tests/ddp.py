@@ -36,10 +36,9 @@ def loss_of(model: ViTSegModel, out, target: torch.Tensor) -> torch.Tensor:
     auxiliary logits' when the head has them)."""
     if model.owns_loss:
         return model.training_loss(out, target[:, None])[0]
-    loss = F.cross_entropy(out, target)
-    if model.auxiliary_logits is not None:
-        loss = loss + 0.4 * F.cross_entropy(model.auxiliary_logits, target)
-    return loss
+    if isinstance(out, tuple):  # (logits, auxiliary logits)
+        return F.cross_entropy(out[0], target) + 0.4 * F.cross_entropy(out[1], target)
+    return F.cross_entropy(out, target)
 
 
 def _worker(rank: int, world: int, port: int, cases: dict[str, dict], out: str) -> None:

@@ -247,3 +247,15 @@ def test_a_row_says_everything_it_trains_whatever_the_demo_config_sets():
     assert label == "DINOv3-S + UperNet 128 (pyramid neck) + detail"
     assert cfg.model.layers is None and cfg.model.decoder.hidden_size == 128
     assert cfg.train.loss.skeleton_recall == 0.0
+
+
+def test_the_gpu_check_says_it_needs_cuda_and_exits_0_without_it():
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: benchmarks/gpu_check.py runs for real")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and "needs a CUDA GPU" in done.stdout and "Traceback" not in done.stderr

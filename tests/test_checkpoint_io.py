@@ -28,13 +28,9 @@ from segframe.nnunet.checkpoints import (
     load_checkpoint_file,
     readable_checkpoint,
 )
-from segframe.nnunet.trainer import (
-    NonFiniteTraining,
-    better,
-    check_validation_precision,
-    nnUNetTrainerSegframe,
-    resolve_precision,
-)
+from segframe.nnunet.runtime import check_validation_precision, resolve_precision
+from segframe.nnunet.safety import NonFiniteTraining, better
+from segframe.nnunet.trainer import nnUNetTrainerSegframe
 from segframe.nnunet.window import ValidationPredictor
 
 
@@ -125,13 +121,13 @@ def test_precision_resolution(monkeypatch):
     with pytest.raises(ConfigError, match="train.precision"):
         validate_config({**tiny_config(), "train": {"precision": "fp8"}})
     # the training log's warning where the CPU only emulates bfloat16 (no AVX512_BF16 or AMX)
-    from segframe.nnunet import predict
+    from segframe.nnunet import runtime
 
-    monkeypatch.setattr(predict, "native_bf16", lambda: False)
-    note = predict.emulated_bf16_note("train.precision: bf16")
+    monkeypatch.setattr(runtime, "native_bf16", lambda: False)
+    note = runtime.emulated_bf16_note("train.precision: bf16")
     assert "train.precision: bf16 is emulated and slower than fp32" in note
-    monkeypatch.setattr(predict, "native_bf16", lambda: True)
-    assert predict.emulated_bf16_note("train.precision: bf16") is None
+    monkeypatch.setattr(runtime, "native_bf16", lambda: True)
+    assert runtime.emulated_bf16_note("train.precision: bf16") is None
 
 
 def test_best_ema_comparison():

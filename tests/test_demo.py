@@ -13,7 +13,7 @@ import yaml
 import segframe.data
 from segframe import demo
 from segframe.cli import main
-from segframe.nnunet import predict as nnunet_predict
+from segframe.nnunet import runtime as nnunet_runtime
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data import write_drive  # noqa: E402
@@ -61,7 +61,7 @@ def fake_nnunet(monkeypatch):
 def test_demo_on_generated_data(tmp_path, fake_nnunet, capsys, monkeypatch):
     small = functools.partial(segframe.data.make_synthetic, num_train=4, num_test=3, size=64)
     monkeypatch.setattr(segframe.data, "make_synthetic", small)
-    monkeypatch.setattr(nnunet_predict, "native_bf16", lambda: True)  # a CPU with AVX512_BF16
+    monkeypatch.setattr(nnunet_runtime, "native_bf16", lambda: True)  # a CPU with AVX512_BF16
     summary = demo.run_demo("", tmp_path / "work", checkpoint=None)
     out = capsys.readouterr().out
     assert "generated vessel-like images" in out and "dice" in out
@@ -90,7 +90,7 @@ def test_demo_on_generated_data(tmp_path, fake_nnunet, capsys, monkeypatch):
 
 
 def test_demo_on_drive_with_checkpoint(tmp_path, fake_nnunet, monkeypatch):
-    monkeypatch.setattr(nnunet_predict, "native_bf16", lambda: False)  # an AVX2-only CPU
+    monkeypatch.setattr(nnunet_runtime, "native_bf16", lambda: False)  # an AVX2-only CPU
     write_drive(tmp_path / "DRIVE")
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"x")

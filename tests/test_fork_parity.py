@@ -193,7 +193,7 @@ def test_migrated_config_builds_and_trains_the_forks_network(path, tiny_backbone
 
 
 def resolve(precision: str) -> tuple[str, str]:
-    from segframe.nnunet.trainer import resolve_precision
+    from segframe.nnunet.runtime import resolve_precision
 
     return tuple(resolve_precision(precision, torch.device(d)) for d in ("cuda", "cpu"))
 

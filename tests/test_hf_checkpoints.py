@@ -239,7 +239,7 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(folders, tmp_path):
         "no_key": (_edited_copy(folder, tmp_path, "no_key",
                                 lambda sd: sd.pop("layer.1.attention.k_proj.weight")),
                    r"layer 1 of the Hugging Face weights has only the q/v part"),
-        "json": (_edited_copy(folder, tmp_path, "json", config="{not json"), r"config.json as JSON"),
+        "json": (_edited_copy(folder, tmp_path, "json", config="{not json"), r"config.json is not readable"),
         "type": (_edited_copy(folder, tmp_path, "type", config=json.dumps({"model_type": "vit"})),
                  r"model_type 'vit' but the tensors are DINOv3ViTModel's"),
     }

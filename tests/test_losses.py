@@ -13,7 +13,8 @@ from conftest import tiny_config
 from segframe.config import validate_config
 from segframe.errors import ConfigError
 from segframe.losses import SkeletonRecallLoss, tubed_skeleton
-from segframe.nnunet.trainer import SkeletonTargetTransform, nnUNetTrainerSegframe
+from segframe.nnunet.targets import SkeletonTargetTransform
+from segframe.nnunet.trainer import nnUNetTrainerSegframe
 
 
 def bar(label: int = 1) -> np.ndarray:

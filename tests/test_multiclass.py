@@ -118,8 +118,7 @@ def test_logits_at_ignored_pixels_change_nothing_in_the_trainers_loss(detail_run
 
     def loss_of(logits: torch.Tensor, aux: torch.Tensor) -> tuple[float, torch.Tensor]:
         logits = logits.clone().requires_grad_()
-        trainer.model.auxiliary_logits = aux
-        loss = trainer.compute_loss(logits, full)
+        loss = trainer.compute_loss((logits, aux), full)
         loss.backward()
         return loss.item(), logits.grad
 

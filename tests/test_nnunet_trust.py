@@ -22,6 +22,7 @@ import pytest
 import torch
 from nnunet_discs import DATASET, NAME, results, segframe, write_yaml
 
+from segframe.files import partial_files
 from segframe.nnunet import lifeline
 from segframe.nnunet.checkpoints import ALLOWED_GLOBALS, atomic_save, load_checkpoint_file
 
@@ -135,7 +136,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(killed):
         time.sleep(duration * k / 24)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        mid_write += any(target.parent.glob(".checkpoint_latest.pth.*.tmp"))
+        mid_write += bool(partial_files(target))
         loaded = load_checkpoint_file(target)
         assert loaded["network_weights"].keys() == weights.keys()
         assert all(torch.equal(loaded["network_weights"][key], weights[key]) for key in list(weights)[:5])
@@ -296,17 +297,20 @@ def test_refusals_change_no_file(env, resumed, tmp_path):
 
 
 def test_predictor_initialisation_refuses_bad_results_folders(resumed, tmp_path, monkeypatch):
-    """initialize_predictor (what `segframe predict` and Predictor.from_results use) on a real folder and on
-    broken copies of it; nnU-Net's own unpickling initialisation is the reference for the good one."""
+    """ResultsFolder.initialize (what `segframe predict` and Predictor.from_results use) on a real folder and
+    on broken copies of it; nnU-Net's own unpickling initialisation is the reference for the good one."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from segframe.errors import CheckpointError, SegframeError
     from segframe.nnunet import EXT_TRAINER_DIR
-    from segframe.nnunet.checkpoints import initialize_predictor
+    from segframe.nnunet.results import ResultsFolder
+
+    def cpu_predictor():
+        return nnUNetPredictor(device=torch.device("cpu"))
 
     folder = resumed[0].parent
     ours, reference = (nnUNetPredictor(device=torch.device("cpu")) for _ in range(2))
-    initialize_predictor(ours, folder, [0], "checkpoint_final.pth")
+    ResultsFolder(folder).initialize(ours, [0], "checkpoint_final.pth")
     monkeypatch.setenv("nnUNet_extTrainer", str(EXT_TRAINER_DIR))  # nnU-Net finds our trainer by name
     reference.initialize_from_trained_model_folder(str(folder), [0], "checkpoint_final.pth")
     assert ours.allowed_mirroring_axes == reference.allowed_mirroring_axes
@@ -320,17 +324,17 @@ def test_predictor_initialisation_refuses_bad_results_folders(resumed, tmp_path,
     final = moved / "fold_0" / "checkpoint_final.pth"
     (moved / "fold_0" / "checkpoint_cut.pth").write_bytes(final.read_bytes()[:20000])
     with pytest.raises(CheckpointError, match="fold_0/checkpoint_cut.pth is unreadable"):
-        initialize_predictor(nnUNetPredictor(device=torch.device("cpu")), moved, [0], "checkpoint_cut.pth")
+        ResultsFolder(moved).initialize(cpu_predictor(), [0], "checkpoint_cut.pth")
     checkpoint = load_checkpoint_file(final)
     checkpoint["trainer_name"] = "nnUNetTrainer"
     atomic_save(checkpoint, moved / "fold_0" / "checkpoint_other.pth")
     with pytest.raises(CheckpointError, match="was trained by 'nnUNetTrainer'"):
-        initialize_predictor(nnUNetPredictor(device=torch.device("cpu")), moved, [0], "checkpoint_other.pth")
+        ResultsFolder(moved).initialize(cpu_predictor(), [0], "checkpoint_other.pth")
     plans = json.loads((moved / "plans.json").read_text())
     plans["configurations"]["2d"]["segframe"]["config"]["model"]["decoder"]["hidden_size"] = 8
     (moved / "plans.json").write_text(json.dumps(plans))
     with pytest.raises(CheckpointError, match=r"do not fit the model.*shape \(file vs plans\): decoder\."):
-        initialize_predictor(nnUNetPredictor(device=torch.device("cpu")), moved, [0], "checkpoint_final.pth")
+        ResultsFolder(moved).initialize(cpu_predictor(), [0], "checkpoint_final.pth")
     (moved / "plans.json").unlink()
-    with pytest.raises(SegframeError, match="plans.json of the results folder not found"):
-        initialize_predictor(nnUNetPredictor(device=torch.device("cpu")), moved, [0], "checkpoint_final.pth")
+    with pytest.raises(SegframeError, match="plans.json of the results folder .*not found"):
+        ResultsFolder(moved).initialize(cpu_predictor(), [0], "checkpoint_final.pth")

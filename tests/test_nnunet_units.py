@@ -15,6 +15,7 @@ from ddp import starting_model, train_ddp
 from segframe.config import validate_config
 from segframe.errors import ConfigError
 from segframe.model import ViTSegModel
+from segframe.nnunet.network import intensity_warning
 from segframe.nnunet.plans import (
     NnUNetSetupError,
     backbone_patch_size,
@@ -23,7 +24,7 @@ from segframe.nnunet.plans import (
     make_plans,
     round_patch,
 )
-from segframe.nnunet.trainer import WarmupPolyLR, intensity_warning
+from segframe.nnunet.schedule import WarmupPolyLR
 
 ARCH = {"network_class_name": "x", "arch_kwargs": {}, "_kw_requires_import": []}
 
@@ -108,7 +109,7 @@ def test_cpu_device_takes_omp_num_threads_or_every_core(monkeypatch):
     says, so two CPU runs side by side each spun on all cores), else os.cpu_count(); a bad value is
     refused in one line."""
     from segframe.errors import SegframeError
-    from segframe.nnunet.cli import _device
+    from segframe.nnunet.runtime import torch_device as _device
 
     before = torch.get_num_threads()
     try:
@@ -170,11 +171,10 @@ def test_train_answers_argument_errors_without_torch(tmp_path):
 def test_auxiliary_logits_match_the_output_size():
     cfg = tiny_config(decoder={"name": "upernet", "hidden_size": 16, "auxiliary_head": True}, neck="pyramid")
     model = ViTSegModel(cfg, in_channels=3, num_classes=3).train()
-    out = model(torch.rand(2, 3, 30, 45))
-    assert model.auxiliary_logits.shape == out.shape == (2, 3, 30, 45)
+    out, aux = model(torch.rand(2, 3, 30, 45))
+    assert aux.shape == out.shape == (2, 3, 30, 45) and model.auxiliary_loss_weight == 0.4
     model.eval()
-    model(torch.rand(1, 3, 30, 45))
-    assert model.auxiliary_logits is None
+    assert torch.is_tensor(model(torch.rand(1, 3, 30, 45)))  # the auxiliary logits only in training
 
 
 DDP_CASES = {

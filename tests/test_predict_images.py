@@ -421,3 +421,47 @@ def test_colour_writes_each_mask_coloured_from_the_dataset_table_and_refuses_ove
     again = segframe(env, *args, check=False)
     assert again.returncode == 1 and "already holds 4 file(s) this run would write" in again.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
+
+
+OPENED: list[str] | None = None  # while a list: every file the process opens (an audit hook, see below)
+
+
+def _record_open(event: str, args: tuple) -> None:
+    if event == "open" and OPENED is not None and isinstance(args[0], (str, Path)):
+        OPENED.append(str(args[0]))
+
+
+def test_one_prediction_reads_the_results_folder_once(trained, tmp_path, monkeypatch):
+    """`segframe predict` of one image (in this process) opens dataset.json and plans.json once each and
+    validates the stored config once: the results folder is read by one ResultsFolder (before it, 6, 3 and 3
+    times). Python's audit hook sees every open, nnU-Net's and the C library's included."""
+    import sys
+
+    import segframe.nnunet.plans as plans
+    from segframe.cli import main
+    from segframe.config import validate_config
+
+    global OPENED
+    _, folder, images, _ = trained
+    source = tmp_path / "in"
+    source.mkdir()
+    (source / "plain.png").write_bytes((images / "plain.png").read_bytes())
+    validated = []
+
+    def counted(*args, **kwargs):
+        validated.append(args)
+        return validate_config(*args, **kwargs)
+
+    monkeypatch.setattr(plans, "validate_config", counted)
+    sys.addaudithook(_record_open)
+    OPENED = []
+    try:
+        code = main(["predict", "-i", str(source), "-o", str(tmp_path / "out"), "-m", str(folder), "-f", "0",
+                     "-device", "cpu", "--disable_tta"])
+        opened = [Path(p) for p in OPENED]
+    finally:
+        OPENED = None
+    assert code == 0 and (tmp_path / "out" / "plain.png").is_file()
+    inside = [p.name for p in opened if p.parent == folder]
+    assert inside.count("dataset.json") == 1 and inside.count("plans.json") == 1, inside
+    assert len(validated) == 1

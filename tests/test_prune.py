@@ -204,13 +204,14 @@ def old_results_folder(tmp_path, monkeypatch, cfg) -> tuple:
 def test_results_folder_trained_before_pruning_predicts(tmp_path, monkeypatch):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from segframe.nnunet.checkpoints import check_weights_fit, initialize_predictor
+    from segframe.nnunet.checkpoints import check_weights_fit
+    from segframe.nnunet.results import ResultsFolder
 
     cfg = validate_config(tiny_config("dinov2", layers=[0, 1], intermediate_norm=False))
     folder, old, checkpoint = old_results_folder(tmp_path, monkeypatch, cfg)
     assert any(k.startswith("backbone.vit.blocks.3.") for k in checkpoint["network_weights"])
     predictor = nnUNetPredictor(device=torch.device("cpu"))
-    initialize_predictor(predictor, folder, [0], "checkpoint_final.pth")
+    ResultsFolder(folder).initialize(predictor, [0], "checkpoint_final.pth")
     network = predictor.network.eval()
     assert len(network.backbone.vit.blocks) == 2
     # nnU-Net's predictor loads each fold's weights again before predicting

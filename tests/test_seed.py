@@ -10,7 +10,7 @@ from conftest import tiny_config
 
 from segframe.config import validate_config
 from segframe.errors import ConfigError
-from segframe.nnunet.trainer import (
+from segframe.nnunet.seeding import (
     MAIN,
     TRAIN_WORKERS,
     VAL_WORKERS,

@@ -9,7 +9,7 @@ import os
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from segframe.nnunet.trainer import MAIN, derived_seed, seed_process, seeded_dataloaders
+from segframe.nnunet.seeding import MAIN, derived_seed, seed_process, seeded_dataloaders
 
 
 class nnUNetTrainerBench(nnUNetTrainer):

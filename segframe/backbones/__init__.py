@@ -7,7 +7,7 @@ registering the families (and `segframe plugins`) does not import timm.
 from importlib import import_module
 from typing import Any
 
-from segframe.plugins import hookimpl
+from segframe.spec import hookimpl
 
 __all__ = ["Backbone", "LoadReport", "default_layers", "read_checkpoint"]
 _LAZY = {"Backbone": "base", "default_layers": "base",

@@ -28,8 +28,9 @@ from segframe.backbones.checkpoint import (
     unbuilt_keys,
     unbuilt_modules,
 )
-from segframe.backbones.hf import ARCHITECTURES, check_hf_config, hf_model_type, hf_to_official, read_json
+from segframe.backbones.hf import ARCHITECTURES, check_hf_config, hf_model_type, hf_to_official
 from segframe.errors import CheckpointError, ConfigError, SegframeError
+from segframe.files import read_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -390,7 +391,7 @@ class Backbone(nn.Module):
             sd, source, config_path = read_weights(path, self._format().containers, trust=trust)
             config = None
             if config_path is not None and hf_model_type(sd):
-                config, source = read_json(config_path), f"{source} + config.json"
+                config, source = read_json(config_path, "", CheckpointError), f"{source} + config.json"
             elif hf_model_type(sd):
                 source += ", no config.json: architecture read from the tensor shapes"
         except CheckpointError as exc:  # name the file once (reading errors already do)

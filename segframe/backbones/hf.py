@@ -10,7 +10,6 @@ like an official file, so the weights land in the same timm ViT. Nothing here ex
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from segframe import files
 from segframe.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def hf_weight_files(folder: Path) -> list[Path]:
 
 
 def _shards(index: Path) -> list[Path]:
-    data = read_json(index)
+    data = files.read_json(index, "", CheckpointError)
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, Mapping) or not weight_map:
         raise CheckpointError(f"{index} has no 'weight_map': not a safetensors shard index")
@@ -109,17 +109,6 @@ def _shards(index: Path) -> list[Path]:
             raise CheckpointError(f"{index} names shard {name!r}, which is not a file beside it")
         shards.append(path)
     return shards
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path` (config.json, a shard index): data only."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path} as JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object")
-    return data
 
 
 # ---------------------------------------------------------------- config vs backbone

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from segframe.backbones.checkpoint import CheckpointFormat
 from segframe.backbones.lazy_timm import vit_filter
-from segframe.plugins import BackboneSpec
+from segframe.spec import BackboneSpec
 
 if TYPE_CHECKING:
     from segframe.backbones.base import Backbone

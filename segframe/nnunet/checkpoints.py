@@ -1,6 +1,6 @@
 """nnU-Net checkpoints that cannot run code and survive a kill: weights-only loading with a measured
-allowlist, atomic saving, a readable fallback for `--c`, a weights-vs-plans check, and the predictor
-initialisation `segframe predict` uses instead of nnU-Net's unpickling one.
+allowlist, atomic saving, a readable fallback for `--c`, and the checks of a checkpoint's trainer, weights
+and shapes against the model the plans build.
 """
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from segframe.backbones.checkpoint import unbuilt_keys
 from segframe.errors import CheckpointError
+from segframe.files import partial_files, write_atomically
 from segframe.nnunet import TRAINER_NAME
+from segframe.nnunet.network import build_network
 
 # The smallest allowlist real nnUNetTrainerSegframe checkpoints need beyond torch's own safe types
 # (measured with torch.serialization.get_unsafe_globals_in_checkpoint on checkpoints our trainer wrote):
@@ -32,6 +36,9 @@ ALLOWED_GLOBALS: list[Any] = [
     np.dtype,
     np.dtypes.Float32DType,
 ]
+# `segframe train --trust-checkpoint` sets this for its training process; with stock nnUNetv2_train set
+# it by hand (=1) to continue from a checkpoint that needs full unpickling.
+TRUST_ENV = "SEGFRAME_TRUST_CHECKPOINT"
 NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")  # nnU-Net's --c order
 REQUIRED_KEYS = ("network_weights", "trainer_name", "init_args")
 
@@ -105,31 +112,12 @@ def _short(exc: BaseException) -> str:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, flush + fsync, then os.replace: a kill at
-    any moment leaves either the previous file or the complete new one."""
+    """torch.save, atomically and durably (segframe.files): a kill at any moment leaves either the previous
+    file or the complete new one; temporary files of a save that was killed are removed first."""
     path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed
+    for stale in partial_files(path):
         stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    write_atomically(path, lambda temporary: torch.save(obj, temporary), durable=True, error=CheckpointError)
 
 
 def check_trainer(checkpoint: dict[str, Any], path: Path) -> None:
@@ -192,84 +180,18 @@ def readable_checkpoint(fold_dir: Path, first: str, trust: bool = False, fallbac
 def expected_weights(plans: dict[str, Any], configuration: str,
                      dataset_json: dict[str, Any]) -> dict[str, Any]:
     """The state dict (shapes only where possible) of the model the plans build."""
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from segframe.nnunet.trainer import nnUNetTrainerSegframe
-
     plans_manager = PlansManager(plans)
     manager = plans_manager.get_configuration(configuration)
     args = (plans_manager, manager, determine_num_input_channels(plans_manager, manager, dataset_json),
             plans_manager.get_label_manager(dataset_json).num_segmentation_heads)
-    build = nnUNetTrainerSegframe.build_network_architecture
     try:
         with torch.device("meta"):
-            return build(*args, enable_deep_supervision=False).state_dict()
+            return build_network(*args).state_dict()
     except (RuntimeError, NotImplementedError, TypeError, ValueError):  # a head that cannot build on meta
-        return build(*args, enable_deep_supervision=False).state_dict()
+        return build_network(*args).state_dict()
 
 
 def nonfinite_tensors(weights: dict[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors holding NaN or inf."""
     return [k for k, v in weights.items()
             if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
-
-
-def initialize_predictor(predictor: Any, model_folder: str | os.PathLike, folds: list[int | str] | None,
-                         checkpoint_name: str = "checkpoint_final.pth", trust: bool = False) -> None:
-    """nnUNetPredictor.initialize_from_trained_model_folder, with each fold loaded weights-only, the
-    trainer and the weights checked against the plans, and one-line CheckpointErrors."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from segframe.nnunet.plans import read_json
-    from segframe.nnunet.trainer import nnUNetTrainerSegframe
-
-    folder = Path(model_folder)
-    dataset_json = read_json(folder / "dataset.json", "dataset.json of the results folder")
-    plans = read_json(folder / "plans.json", "plans.json of the results folder")
-    if folds is None:
-        folds = nnUNetPredictor.auto_detect_available_folds(str(folder), checkpoint_name)
-        if not folds:
-            raise CheckpointError(f"no fold of {folder} has {checkpoint_name}")
-    if isinstance(folds, (str, int)):
-        folds = [folds]
-    plans_manager = PlansManager(plans)
-    parameters, first = [], None
-    for fold in folds:
-        fold = fold if fold == "all" else int(fold)
-        path = folder / f"fold_{fold}" / checkpoint_name
-        checkpoint = load_checkpoint_file(path, trust)
-        check_trainer(checkpoint, path)
-        bad = nonfinite_tensors(checkpoint["network_weights"])
-        if bad:
-            raise CheckpointError(f"{path} holds NaN/inf weights ({bad[0]} and {len(bad) - 1} more): the "
-                                  "training diverged; retrain it (see train.precision, initial_lr)")
-        first = first or (path, checkpoint)
-        parameters.append(checkpoint["network_weights"])
-    path, checkpoint = first
-    try:
-        configuration_manager = plans_manager.get_configuration(checkpoint["init_args"]["configuration"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} names a configuration the results folder's plans do not have: "
-                              f"{_short(exc)}") from None
-    num_input_channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-    num_output_channels = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    network = nnUNetTrainerSegframe.build_network_architecture(
-        plans_manager, configuration_manager, num_input_channels, num_output_channels,
-        enable_deep_supervision=False)
-    expected = network.state_dict()
-    for fold, weights in zip(folds, parameters, strict=True):
-        check_weights_fit(weights, expected, folder / f"fold_{fold}" / checkpoint_name)
-    network.load_state_dict(parameters[0])
-    predictor.plans_manager = plans_manager
-    predictor.configuration_manager = configuration_manager
-    predictor.list_of_parameters = parameters
-    predictor.network = network
-    predictor.dataset_json = dataset_json
-    predictor.trainer_name = checkpoint["trainer_name"]
-    predictor.allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes")
-    predictor.label_manager = plans_manager.get_label_manager(dataset_json)
-    if os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t"):
-        predictor.network = torch.compile(network)

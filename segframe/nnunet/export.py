@@ -14,13 +14,14 @@ import logging
 import os
 import re
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from segframe.errors import SegframeError
+from segframe.files import write_atomically
+from segframe.nnunet.results import ResultsFolder
 
 INPUT, OUTPUT = "image", "logits"
 
@@ -37,19 +38,12 @@ SCHEMES = {
 
 
 def load_network(model_folder: str | os.PathLike, fold: str, checkpoint: str = "checkpoint_final.pth",
-                 trust: bool = False) -> tuple[nn.Module, SimpleNamespace]:
-    """The network of one fold, loaded as `segframe predict` loads it (same checks and trust rules), in
-    eval mode, and what was loaded with it (plans_manager, configuration_manager, dataset_json)."""
-    from segframe.nnunet.checkpoints import initialize_predictor
-    from segframe.nnunet.predict import _folds, check_results_folder
-    from segframe.nnunet.trainer import unwrap
-
-    folder = Path(model_folder).resolve()
-    check_results_folder(folder)
-    folds = _folds(folder, [fold], checkpoint)
-    loaded = SimpleNamespace()  # initialize_predictor only sets the predictor's attributes
-    initialize_predictor(loaded, folder, folds, checkpoint, trust=trust)
-    return unwrap(loaded.network).eval(), loaded
+                 trust: bool = False) -> tuple[nn.Module, ResultsFolder]:
+    """The network of one fold in eval mode, loaded as `segframe predict` loads it (same checks and trust
+    rules), and its results folder."""
+    results = ResultsFolder(model_folder)
+    network, _, _ = results.load(results.folds([fold], checkpoint), checkpoint, trust)
+    return network.eval(), results
 
 
 def _unsupported_op(exc: BaseException) -> str | None:
@@ -214,18 +208,19 @@ def _write_checked(model: nn.Module, path: Path, size: tuple[int, int] | None, m
         value.shape = ir.Shape(["batch", dims[1], *(["height", "width"] if size is None else dims[2:])])
     sizes = [size, size] if size else check_sizes(p, patch)
     batches = [1, 2] if size else [2] + [1] * (len(sizes) - 1)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        onnx_program.save(str(tmp), external_data=False)
-        checked, failure = compare_with_pytorch(model, tmp, sizes, batches)
+    checked: list[dict[str, Any]] = []
+
+    def save_and_check(temporary: Path) -> None:  # renamed to `path` only when it passed
+        onnx_program.save(str(temporary), external_data=False)
+        measured, failure = compare_with_pytorch(model, temporary, sizes, batches)
+        checked.extend(measured)
         if failure and size is None:
             raise _NotDynamic(failure)
         if failure:
             raise SegframeError(f"the graph exported for {size[0]}x{size[1]} images is wrong: {failure}; "
                                 "nothing was written")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomically(path, save_and_check)
     return checked
 
 
@@ -243,14 +238,14 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
 
 
-def describe(loaded: SimpleNamespace, model: nn.Module, graph: dict[str, Any], fold: str,
+def describe(results: ResultsFolder, model: nn.Module, graph: dict[str, Any], fold: str,
              checkpoint: str, onnx_name: str) -> dict[str, Any]:
     """The JSON written beside the graph: what a deployment must feed it and what comes out."""
     import segframe
 
-    plans = loaded.plans_manager
-    conf = loaded.configuration_manager
-    dataset = loaded.dataset_json
+    plans = results.plans_manager
+    conf = results.configuration_manager
+    dataset = results.dataset_json
     names = dataset.get("channel_names") or dataset.get("modality") or {}
     intensity = plans.plans.get("foreground_intensity_properties_per_channel", {})
     schemes, masks = list(conf.normalization_schemes), list(conf.use_mask_for_norm)
@@ -317,11 +312,11 @@ def export_command(args: argparse.Namespace) -> int:
                             "choose another -o")
     if not out.parent.is_dir():
         raise SegframeError(f"-o {out}: folder {out.parent} does not exist")
-    model, loaded = load_network(args.m, args.f, args.chk, args.trust_checkpoint)
+    model, results = load_network(args.m, args.f, args.chk, args.trust_checkpoint)
     size = tuple(args.size) if args.size else None
-    graph = export_onnx(model, out, size, fallback_size=tuple(loaded.configuration_manager.patch_size))
-    info = describe(loaded, model, graph, args.f, args.chk, out.name)
-    sidecar(out).write_text(json.dumps(info, indent=2) + "\n")
+    graph = export_onnx(model, out, size, fallback_size=tuple(results.configuration_manager.patch_size))
+    info = describe(results, model, graph, args.f, args.chk, out.name)
+    write_atomically(sidecar(out), json.dumps(info, indent=2) + "\n")
     shape = "x".join(str(s) for s in info["input"]["shape"])
     print(f"segframe: wrote {out} (input {INPUT} {shape}, output {OUTPUT}) and {sidecar(out)}", flush=True)
     at = ", ".join(f"{c['size'][0]}x{c['size'][1]}" for c in graph["checked"])

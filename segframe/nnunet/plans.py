@@ -19,6 +19,7 @@ from typing import Any
 import segframe
 from segframe.config import SegframeConfig, validate_config
 from segframe.errors import ConfigError, PluginError, SegframeError
+from segframe.files import read_json, write_atomically
 from segframe.nnunet import TRAINER_NAME
 
 SECTION = "segframe"
@@ -95,15 +96,6 @@ def dataset_folder(dataset: str) -> Path:
             f"run `nnUNetv2_plan_and_preprocess -d {dataset} -c 2d` first"
         )
     return folder
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise NnUNetSetupError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise NnUNetSetupError(f"{what} {path} is not readable JSON: {exc}") from None
 
 
 def resolved_configuration(plans: dict[str, Any], configuration: str) -> dict[str, Any]:
@@ -189,12 +181,13 @@ def prepare_plans(
     results folder would no longer rebuild them); train settings may change (e.g. more epochs
     with --c).
     """
-    base = read_json(dataset_dir / f"{base_name}.json", f"nnU-Net plans {base_name!r}")
+    base = read_json(dataset_dir / f"{base_name}.json", f"nnU-Net plans {base_name!r}", NnUNetSetupError)
     name = plans_name(base_name, tag)
     plans, notes = make_plans(base, configuration, cfg, name, backbone_patch_size(cfg))
     target = dataset_dir / f"{name}.json"
     if target.is_file():
-        old = read_json(target, "segframe plans").get("configurations", {}).get(configuration, {})
+        stored = read_json(target, "segframe plans", NnUNetSetupError)
+        old = stored.get("configurations", {}).get(configuration, {})
         new = plans["configurations"][configuration]
         trained = trained_checkpoints(dataset_dir.name, name, configuration)
         changed = SECTION in old and (
@@ -213,9 +206,7 @@ def prepare_plans(
 def store_plans(dataset_dir: Path, plans: dict[str, Any]) -> Path:
     """Write prepared plans to `<dataset_dir>/<plans_name>.json` (atomically)."""
     target = dataset_dir / f"{plans['plans_name']}.json"
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(plans, indent=2) + "\n")
-    tmp.replace(target)
+    write_atomically(target, json.dumps(plans, indent=2) + "\n", error=NnUNetSetupError)
     return target
 
 

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import io
 import itertools
-import json
 import os
 import re
 import sys
@@ -28,70 +27,17 @@ from typing import Any
 
 import numpy as np
 
+from segframe.colours import colour_path, colour_table, write_colour_maps
 from segframe.errors import SegframeError
+from segframe.files import write_atomically
 from segframe.images import IMAGE_SUFFIXES, ImageError, InputSpec, read_image, read_pil, reason
+from segframe.nnunet import use_ext_trainer
+from segframe.nnunet.results import ResultsFolder
+from segframe.nnunet.runtime import bf16_network, emulated_bf16_note, torch_device
+from segframe.nnunet.window import SegframePredictor
 
 SPACING_2D = {"spacing": (999, 1, 1)}  # what nnU-Net's NaturalImage2DIO gives every 2D image
 PRECISIONS = ("fp32", "bf16")  # the network's arithmetic at prediction (`--precision`)
-
-
-def _folds(model_folder: Path, folds: list[str] | None, checkpoint: str) -> list[int | str]:
-    available = sorted(p.parent.name[5:] for p in model_folder.glob(f"fold_*/{checkpoint}"))
-    if folds is None:
-        if not available:
-            raise SegframeError(f"no fold of {model_folder} has {checkpoint} (did training finish? see -chk)")
-        folds = available
-    folds = [str(f) for f in folds]
-    missing = [f for f in folds if f not in available]
-    if missing:
-        raise SegframeError(
-            f"fold(s) {', '.join(missing)} of {model_folder} have no {checkpoint}; available: "
-            f"{', '.join(available) or 'none'}"
-        )
-    return [f if f == "all" else int(f) for f in folds]
-
-
-def check_results_folder(model_folder: Path) -> str:
-    """The configuration a segframe results folder was trained with; clear errors for anything else."""
-    from segframe.nnunet.plans import config_from_configuration, read_json, resolved_configuration
-
-    if not model_folder.is_dir():
-        raise SegframeError(f"results folder {model_folder} does not exist")
-    plans = read_json(model_folder / "plans.json", "plans.json of the results folder (is -m an nnU-Net "
-                      "results folder, TRAINER__PLANS__CONFIGURATION?)")
-    read_json(model_folder / "dataset.json", "dataset.json of the results folder")
-    parts = model_folder.name.split("__")
-    if len(parts) != 3:
-        raise SegframeError(
-            f"{model_folder.name} is not named TRAINER__PLANS__CONFIGURATION as nnU-Net names results "
-            "folders; pass the folder that holds fold_0, plans.json and dataset.json")
-    configuration = parts[2]
-    config_from_configuration(resolved_configuration(plans, configuration), f"{model_folder}/plans.json")
-    return configuration
-
-
-def initialize(predictor: Any, model_folder: Path, folds: list[int | str], checkpoint: str,
-               trust: bool = False) -> None:
-    """Load the folds' weights into an nnUNetPredictor: weights-only through segframe's checkpoint
-    checks when available, else nnU-Net's own (full-unpickle) loader."""
-    try:
-        from segframe.nnunet.checkpoints import initialize_predictor
-    except ImportError:
-        predictor.initialize_from_trained_model_folder(str(model_folder), folds, checkpoint)
-        return
-    initialize_predictor(predictor, model_folder, folds, checkpoint, trust=trust)
-
-
-def _torch_device(device: Any):
-    import torch
-
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from segframe.nnunet.cli import _device
-
-    return _device(str(device))
 
 
 @dataclass(frozen=True)
@@ -163,51 +109,47 @@ class Predictor:
     converted to what the model was trained on as `segframe predict` does.
     """
 
-    def __init__(self, predictor: Any, model_folder: Path, folds: list[int | str], checkpoint: str,
+    def __init__(self, predictor: Any, results: ResultsFolder, folds: list[int | str], checkpoint: str,
                  spec: InputSpec, notify: Callable[[str], None] | None = None):
         self.nnunet = predictor
-        self.model_folder = model_folder
+        self.results = results
+        self.model_folder = results.folder
         self.folds = folds
         self.checkpoint = checkpoint
         self.spec = spec
-        self.labels = dict(json.loads((model_folder / "dataset.json").read_text())["labels"])
+        self.labels = results.labels
         self.notify = notify or (lambda text: print(f"segframe: {text}", file=sys.stderr, flush=True))
         self._said: set[str] = set()
         self._lock = threading.Lock()  # `segframe predict -npp` reads images in several threads
 
     @classmethod
-    def from_results(cls, folder: str | os.PathLike, folds: list[int | str] | None = None,
+    def from_results(cls, folder: str | os.PathLike | ResultsFolder, folds: list[int | str] | None = None,
                      checkpoint: str = "checkpoint_final.pth", device: Any = "auto",
                      trust_checkpoint: bool = False, step_size: float = 0.5, mirroring: bool = True,
                      progress: bool = False, notify: Callable[[str], None] | None = None,
                      precision: str = "fp32") -> Predictor:
-        """Load `folder` (TRAINER__PLANS__CONFIGURATION): `folds` default to every fold with
-        `checkpoint`; `device` is "auto", "cpu", "cuda", "mps" or a torch.device; `trust_checkpoint`
+        """Load `folder` (TRAINER__PLANS__CONFIGURATION, or its ResultsFolder): `folds` default to every fold
+        with `checkpoint`; `device` is "auto", "cpu", "cuda", "mps" or a torch.device; `trust_checkpoint`
         allows checkpoints that need full unpickling (only for files you trust); `precision` "bf16"
         runs the network under bfloat16 autocast on the CPU (see `bf16_network`)."""
-        from segframe.nnunet.cli import use_ext_trainer
-
-        model_folder = Path(folder).resolve()
-        check_results_folder(model_folder)
-        chosen = _folds(model_folder, None if folds is None else [str(f) for f in folds], checkpoint)
-        torch_device = _torch_device(device)
+        results = folder if isinstance(folder, ResultsFolder) else ResultsFolder(folder)
+        chosen = results.folds(None if folds is None else [str(f) for f in folds], checkpoint)
+        device = torch_device(device)
         if precision not in PRECISIONS:
             raise SegframeError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-        if precision == "bf16" and torch_device.type != "cpu":
-            raise SegframeError(f"--precision bf16 is for prediction on the CPU; on {torch_device.type} "
+        if precision == "bf16" and device.type != "cpu":
+            raise SegframeError(f"--precision bf16 is for prediction on the CPU; on {device.type} "
                                 "nnU-Net's own autocast applies (fp16 on CUDA): leave --precision at fp32")
         use_ext_trainer()
-        from segframe.nnunet.window import SegframePredictor
-
         # off CUDA, nnU-Net prints that it turned off perform_everything_on_device, which we never set
         with contextlib.redirect_stdout(io.StringIO()):
             predictor = SegframePredictor(
                 tile_step_size=step_size, use_gaussian=True, use_mirroring=mirroring,
-                perform_everything_on_device=torch_device.type == "cuda", device=torch_device, verbose=False,
+                perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
                 allow_tqdm=progress,
             )
-        initialize(predictor, model_folder, chosen, checkpoint, trust_checkpoint)
-        made = cls(predictor, model_folder, chosen, checkpoint, InputSpec.from_results(model_folder), notify)
+        results.initialize(predictor, chosen, checkpoint, trust_checkpoint)
+        made = cls(predictor, results, chosen, checkpoint, results.input_spec(), notify)
         if precision == "bf16":
             bf16_network(predictor.network)
             if note := emulated_bf16_note("--precision bf16"):
@@ -290,32 +232,18 @@ class Predictor:
 
             png = iio.imwrite("<bytes>", seg[0].astype(np.uint8 if np.max(seg) < 255 else np.uint16,
                                                       copy=False), extension=".png")
-            write_atomically(files[0], lambda path: path.write_bytes(png))
+            write_atomically(files[0], png)
         else:
             writer = self.nnunet.plans_manager.image_reader_writer_class()
-            write_atomically(files[0], lambda path: writer.write_seg(seg, str(path), props))
+            write_atomically(files[0], lambda path: writer.write_seg(seg, str(path), props),
+                             failures=(OSError, RuntimeError, ValueError))
         if probs is not None:
             import pickle
 
             buffer = io.BytesIO()
             np.savez_compressed(buffer, probabilities=probs)
-            write_atomically(files[1], lambda path: path.write_bytes(buffer.getvalue()))
-            write_atomically(files[2], lambda path: path.write_bytes(pickle.dumps(props)))
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(temporary)` to a hidden file beside `path` whose name ends as `path`'s (writers choose the
-    format by the ending), then rename it to `path`: a failed write (a full disk) leaves no file, not a
-    partial one, and is a SegframeError naming `path` and the cause."""
-    temporary = path.with_name(f".partial-{os.getpid()}-{threading.get_ident()}-{path.name}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise SegframeError(f"cannot write {path}: {reason(exc)} (no partial file was left; the files "
-                            "written before it are complete)") from None
-    finally:
-        temporary.unlink(missing_ok=True)
+            write_atomically(files[1], buffer.getvalue())
+            write_atomically(files[2], pickle.dumps(props))
 
 
 def fov_masks(folder: Path, jobs: list[Job]) -> dict[Job, Path]:
@@ -361,38 +289,6 @@ def prepare_output_folder(out: Path) -> None:
         raise SegframeError(f"cannot write into the output folder {out}: {reason(exc)}") from None
 
 
-def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512_BF16 or AMX), as oneDNN reports it."""
-    import torch
-
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(torch.backends.mkldnn.is_available() and check is not None and check())
-
-
-def emulated_bf16_note(setting: str) -> str | None:
-    """The note for bfloat16 `setting` on a CPU that only emulates it; None where it is native."""
-    if native_bf16():
-        return None
-    return (f"this CPU has no native bfloat16 arithmetic (AVX512_BF16 or AMX): {setting} is emulated and "
-            "slower than fp32 here")
-
-
-def bf16_network(network: Any) -> None:
-    """Run `network`'s forward under CPU bfloat16 autocast and hand back float32 logits, so nnU-Net's
-    sliding window, Gaussian weighting, mirroring and resampling stay as they are. Convolutions and
-    matrix products run in bfloat16 (torch's CPU autocast list); the weights stay float32, and the
-    forward is replaced on the instance, so loading another fold's weights keeps it."""
-    import torch
-
-    forward = network.forward
-
-    def forward_bf16(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return forward(x).float()
-
-    network.forward = forward_bf16
-
-
 def output_files(job: Job, out: Path, probabilities: bool) -> list[Path]:
     """What predicting `job` writes into `out`: the mask (PNG for ordinary images), and probabilities."""
     base = out / job.name
@@ -402,26 +298,21 @@ def output_files(job: Job, out: Path, probabilities: bool) -> list[Path]:
 
 def predict_command(args: argparse.Namespace) -> int:
     """`segframe predict`: each image of -i written under its stem in -o; exit 1 if any was not predicted."""
-    from segframe.nnunet.cli import _device
-
-    model_folder = Path(args.m).resolve()
-    check_results_folder(model_folder)
-    folds = _folds(model_folder, args.f, args.chk)
+    results = ResultsFolder(args.m)
+    folds = results.folds(args.f, args.chk)
     source, out = Path(args.i), Path(args.o)
     if not source.is_dir():
         raise SegframeError(f"input folder {source} does not exist")
     if source.resolve() == out.resolve():
         raise SegframeError("-o must differ from -i: predictions would be written among the input images")
-    ending = json.loads((model_folder / "dataset.json").read_text()).get("file_ending", ".png")
+    ending = results.dataset_json.get("file_ending", ".png")
     jobs, skipped, broken = find_inputs(source, ending)
     if out.exists() and not out.is_dir():
         raise SegframeError(f"-o {out} is a file, not a folder: name a folder for the masks")
     fov = fov_masks(Path(args.fov), jobs) if args.fov else {}
     writes = {job: output_files(job, out, args.save_probabilities) for job in jobs}
     if args.colour:  # refused and replaced like the masks; a bad colour table before any prediction
-        from segframe.colours import colour_path, colour_table, read_dataset
-
-        colour_table(read_dataset(model_folder / "dataset.json"))
+        colour_table(results.dataset_json)
         writes = {job: [*files, colour_path(out, job.name)] for job, files in writes.items()}
     existing = sorted(str(p.relative_to(out)) for files in writes.values() for p in files if p.exists())
     if existing and not args.overwrite:
@@ -429,9 +320,9 @@ def predict_command(args: argparse.Namespace) -> int:
         raise SegframeError(
             f"output folder {out} already holds {len(existing)} file(s) this run would write: {shown}; "
             "pass --overwrite to replace them (other files are never touched) or choose another -o")
-    device = _device(args.device)
+    device = torch_device(args.device)
     predictor = Predictor.from_results(
-        model_folder, folds=folds, checkpoint=args.chk, device=device, trust_checkpoint=args.trust_checkpoint,
+        results, folds=folds, checkpoint=args.chk, device=device, trust_checkpoint=args.trust_checkpoint,
         step_size=args.step_size, mirroring=not args.disable_tta, progress=True,
         notify=lambda text: print(f"segframe: {text}", flush=True), precision=args.precision,
     )
@@ -478,11 +369,9 @@ def predict_command(args: argparse.Namespace) -> int:
     done = len(jobs) + len(broken) - len(failed)
     print(f"segframe: wrote {done} prediction(s) to {out}", flush=True)
     if args.colour:
-        from segframe.colours import write_colour_maps
-
         masks = {job.name: output_files(job, out, False)[0] for job in jobs
                  if job.ending in IMAGE_SUFFIXES and job.files[0].name not in failed}
-        coloured = write_colour_maps(masks, out, model_folder / "dataset.json")
+        coloured = write_colour_maps(masks, out, results.dataset_json)
         print(f"segframe: wrote {len(coloured)} colour-coded map(s) to {out / 'colour'}", flush=True)
     if failed:
         raise SegframeError(f"{len(failed)} of {len(jobs) + len(broken)} input(s) were not predicted: "

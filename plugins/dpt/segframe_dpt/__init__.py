@@ -57,7 +57,7 @@ class DPTParams(BaseModel):
         "then have no bias), as the older nnU-Net fork built DPT",
     )
     auxiliary_head: bool = Field(
-        False, description="add DPT's auxiliary head; its training-time logits are in `auxiliary_logits`"
+        False, description="add DPT's auxiliary head; a training forward returns (logits, its logits)"
     )
     auxiliary_loss_weight: float = Field(
         0.4, ge=0, description="weight of the auxiliary loss (read by the trainer as `auxiliary_loss_weight`)"
@@ -105,10 +105,10 @@ class DPTDecoder(nn.Module):
     the logits are resized to exactly that size.
 
     `inputs` is {"prefix_tokens"} for readout add/project and empty for `ignore` (no CLS token
-    is computed). With `auxiliary_head`, a training-mode forward also stores transformers'
-    DPTAuxiliaryHead logits (on the last fused map, stride `auxiliary_stride` = 2 * patch / s)
-    in `auxiliary_logits`; the trainer adds `auxiliary_loss_weight` times their loss. In eval
-    mode it is None.
+    is computed). With `auxiliary_head`, a training-mode forward returns (logits, transformers'
+    DPTAuxiliaryHead logits on the last fused map, stride `auxiliary_stride` = 2 * patch / s): the
+    decoder contract's auxiliary output, whose loss the trainer weights by `auxiliary_loss_weight`.
+    In eval mode it returns the logits alone.
     """
 
     def __init__(
@@ -166,7 +166,6 @@ class DPTDecoder(nn.Module):
         del self.neck.fusion_stage.layers[0].residual_layer1
         self.head = DPTSemanticSegmentationHead(config)
         self.auxiliary_head = DPTAuxiliaryHead(config) if params.auxiliary_head else None
-        self.auxiliary_logits: torch.Tensor | None = None
         self.auxiliary_loss_weight = params.auxiliary_loss_weight
         self.readout = params.readout
         self.inputs = frozenset() if params.readout == "ignore" else frozenset({"prefix_tokens"})
@@ -192,14 +191,13 @@ class DPTDecoder(nn.Module):
             return x
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
-    def forward(self, inputs: DecoderInputs) -> torch.Tensor:
+    def forward(self, inputs: DecoderInputs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         grid = tuple(inputs.features[0].shape[-2:])
         fused = self.neck(self._tokens(inputs), grid[0], grid[1])
+        logits = self._at_scale(self.head(fused), self.logits_scale, grid)
         if self.auxiliary_head is not None and self.training:
-            self.auxiliary_logits = self._at_scale(self.auxiliary_head(fused[-1]), self.scale / 2, grid)
-        else:
-            self.auxiliary_logits = None
-        return self._at_scale(self.head(fused), self.logits_scale, grid)
+            return logits, self._at_scale(self.auxiliary_head(fused[-1]), self.scale / 2, grid)
+        return logits
 
 
 def build(

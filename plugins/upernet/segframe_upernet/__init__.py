@@ -23,7 +23,7 @@ class UperNetParams(BaseModel):
         [1, 2, 3, 6], min_length=1, description="pyramid pooling output sizes (on the last level)"
     )
     auxiliary_head: bool = Field(
-        False, description="add an FCN auxiliary head; its training-time logits are in `auxiliary_logits`"
+        False, description="add an FCN auxiliary head; a training forward returns (logits, its logits)"
     )
     auxiliary_in_index: int = Field(2, ge=0, description="feature level the auxiliary head reads")
     auxiliary_channels: PositiveInt = Field(256, description="channels of the auxiliary head's conv")
@@ -78,9 +78,10 @@ class UperNetDecoder(nn.Module):
     A batch of one in training mode cannot batch-normalise the 1x1 pooled map of pool scale 1
     (one value per channel), so those BatchNorms then use their running statistics.
 
-    With `auxiliary_head`, a training-mode forward also stores the FCN head's logits (at the
-    resolution of level `auxiliary_in_index`, stride `auxiliary_stride`) in `auxiliary_logits`;
-    the trainer adds `auxiliary_loss_weight` times their loss. In eval mode it is None.
+    With `auxiliary_head`, a training-mode forward returns (logits, the FCN head's logits at the
+    resolution of level `auxiliary_in_index`, stride `auxiliary_stride`): the decoder contract's
+    auxiliary output, whose loss the trainer weights by `auxiliary_loss_weight`. In eval mode it
+    returns the logits alone.
     """
 
     def __init__(
@@ -107,7 +108,6 @@ class UperNetDecoder(nn.Module):
             block.add_module("0", block.layers[0])
         self.output_stride = in_strides[0]
         self.auxiliary_head = None
-        self.auxiliary_logits: torch.Tensor | None = None
         self.auxiliary_loss_weight = params.auxiliary_loss_weight
         if params.auxiliary_head:
             i = params.auxiliary_in_index
@@ -120,11 +120,13 @@ class UperNetDecoder(nn.Module):
             self.auxiliary_stride = in_strides[i]
         init_weights(self)
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        logits = self._logits(features)
         if self.auxiliary_head is not None and self.training:
-            self.auxiliary_logits = self.auxiliary_head(features)
-        else:
-            self.auxiliary_logits = None
+            return logits, self.auxiliary_head(features)
+        return logits
+
+    def _logits(self, features: list[torch.Tensor]) -> torch.Tensor:
         if not (self.training and features[-1].shape[0] == 1):
             return self.head(features)
         norms = [
