@@ -315,12 +315,12 @@ def test_bf16_prediction_runs_the_network_in_bfloat16_and_keeps_the_labels(train
     with fp32's labels wherever fp32 is further from a tie than that. A CPU without native bfloat16 is
     told."""
     import segframe
-    import segframe.nnunet.predict as predict
+    import segframe.nnunet.runtime as runtime
     from segframe.errors import SegframeError
 
     _, folder, images, _ = trained
     _, out = predicted
-    monkeypatch.setattr(predict, "native_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "native_bf16", lambda: False)
     notes = []
     predictor = segframe.Predictor.from_results(folder, folds=[0], device="cpu", precision="bf16",
                                                 notify=notes.append)
