@@ -135,13 +135,6 @@ class InputSpec:
     high: float = 255.0
 
     @classmethod
-    def from_results(cls, model_folder: str | Path) -> InputSpec:
-        """From a results folder's dataset.json (channels) and dataset_fingerprint.json (intensities)."""
-        folder = Path(model_folder)
-        return cls.from_dataset(json.loads((folder / "dataset.json").read_text()),
-                                folder / "dataset_fingerprint.json")
-
-    @classmethod
     def from_dataset(cls, dataset: dict, fingerprint: Path) -> InputSpec:
         """From a dataset.json's content (channels) and a dataset_fingerprint.json (intensities)."""
         channels = len(dataset.get("channel_names") or dataset.get("modality") or {"0": ""})

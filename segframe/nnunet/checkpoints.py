@@ -14,14 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from segframe.backbones.checkpoint import unbuilt_keys
 from segframe.errors import CheckpointError
 from segframe.files import partial_files, write_atomically
 from segframe.nnunet import TRAINER_NAME
-from segframe.nnunet.network import build_network
+from segframe.nnunet.network import dataset_network
 
 # The smallest allowlist real nnUNetTrainerSegframe checkpoints need beyond torch's own safe types
 # (measured with torch.serialization.get_unsafe_globals_in_checkpoint on checkpoints our trainer wrote):
@@ -181,14 +180,12 @@ def expected_weights(plans: dict[str, Any], configuration: str,
                      dataset_json: dict[str, Any]) -> dict[str, Any]:
     """The state dict (shapes only where possible) of the model the plans build."""
     plans_manager = PlansManager(plans)
-    manager = plans_manager.get_configuration(configuration)
-    args = (plans_manager, manager, determine_num_input_channels(plans_manager, manager, dataset_json),
-            plans_manager.get_label_manager(dataset_json).num_segmentation_heads)
+    args = (plans_manager, plans_manager.get_configuration(configuration), dataset_json)
     try:
         with torch.device("meta"):
-            return build_network(*args).state_dict()
+            return dataset_network(*args).state_dict()
     except (RuntimeError, NotImplementedError, TypeError, ValueError):  # a head that cannot build on meta
-        return build_network(*args).state_dict()
+        return dataset_network(*args).state_dict()
 
 
 def nonfinite_tensors(weights: dict[str, torch.Tensor]) -> list[str]:

@@ -1,14 +1,17 @@
 """The network a segframe plans configuration builds: `build_network` (what nnU-Net's
-`build_network_architecture` and a results folder call; no weights are loaded), `unwrap` (the model inside
+`build_network_architecture` calls; no weights are loaded) and `dataset_network` (the same for a dataset's
+channels and labels: results folders and checkpoint checks), `unwrap` (the model inside
 DDP and torch.compile), and the check that nnU-Net's intensity normalisation fits `model.normalize`."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from torch import nn
 from torch._dynamo import OptimizedModule
 
+from segframe.config import SegframeConfig
 from segframe.model import ViTSegModel
 from segframe.nnunet.plans import config_from_configuration
 
@@ -17,11 +20,21 @@ RGB_01 = "RGBTo01Normalization"
 
 
 def build_network(plans_manager: Any, configuration_manager: Any, num_input_channels: int,
-                  num_output_channels: int) -> ViTSegModel:
-    """ViTSegModel from the config in the plans' configuration; no weights are loaded."""
-    where = f"plans {plans_manager.plans_name!r}"
-    cfg = config_from_configuration(configuration_manager.configuration, where)
-    return ViTSegModel(cfg, in_channels=num_input_channels, num_classes=num_output_channels)
+                  num_output_channels: int, config: SegframeConfig | None = None) -> ViTSegModel:
+    """ViTSegModel from the config in the plans' configuration (or `config`, that config already
+    validated); no weights are loaded."""
+    if config is None:
+        config = config_from_configuration(configuration_manager.configuration,
+                                           f"plans {plans_manager.plans_name!r}")
+    return ViTSegModel(config, in_channels=num_input_channels, num_classes=num_output_channels)
+
+
+def dataset_network(plans_manager: Any, configuration_manager: Any, dataset_json: dict[str, Any],
+                    config: SegframeConfig | None = None) -> ViTSegModel:
+    """`build_network` with the input channels and outputs nnU-Net derives from the plans and dataset.json."""
+    channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+    outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    return build_network(plans_manager, configuration_manager, channels, outputs, config)
 
 
 def unwrap(network: nn.Module) -> nn.Module:

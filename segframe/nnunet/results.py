@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from segframe.config import SegframeConfig
@@ -28,6 +27,7 @@ from segframe.nnunet.checkpoints import (
     load_checkpoint_file,
     nonfinite_tensors,
 )
+from segframe.nnunet.network import dataset_network
 from segframe.nnunet.plans import check_configuration, config_from_configuration
 
 
@@ -82,10 +82,7 @@ class ResultsFolder:
 
     def build_network(self) -> ViTSegModel:
         """The model the plans build, with no weights loaded."""
-        channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
-                                                self.dataset_json)
-        classes = self.label_manager.num_segmentation_heads
-        return ViTSegModel(self.config, in_channels=channels, num_classes=classes)
+        return dataset_network(self.plans_manager, self.configuration_manager, self.dataset_json, self.config)
 
     def load(self, folds: list[int | str], checkpoint_name: str = "checkpoint_final.pth",
              trust: bool = False) -> tuple[ViTSegModel, list[dict[str, torch.Tensor]], dict[str, Any]]:
